@@ -1,0 +1,24 @@
+"""msn_fast.kernels: Triton kernels for ViT training, each with a torch fallback.
+
+Importable with only torch and triton installed, so other ViT projects can depend on it alone.
+Every public function takes `backend="auto" | "triton" | "torch"`: "auto" runs Triton on CUDA
+tensors and torch elsewhere.
+"""
+
+from .attention import attention, attention_ref
+from .patch_embed import embed_kept_patches, embed_kept_patches_ref
+from .prototype_loss import LossStats, msn_prototype_loss, msn_prototype_loss_ref, sinkhorn
+from .token_gather import gather_tokens, gather_tokens_ref
+
+__all__ = [
+    "attention",
+    "attention_ref",
+    "msn_prototype_loss",
+    "msn_prototype_loss_ref",
+    "sinkhorn",
+    "LossStats",
+    "embed_kept_patches",
+    "embed_kept_patches_ref",
+    "gather_tokens",
+    "gather_tokens_ref",
+]

@@ -1,0 +1,69 @@
+"""The MSN model: student encoder (ViT + head), EMA target encoder, prototypes; and the loss of one batch.
+
+Forward of one step (official semantics, msn_spec.md §1-3):
+  1. target view  -> target encoder (no grad; BN in train mode, as the official code never calls eval())
+  2. anchor view  -> student with a random token mask (kept patch indices sampled on-device)
+  3. focal views  -> student, unmasked, as one batch (their own BN statistics)
+  4. MSN objective over [anchor; focal_1; ...; focal_F] rows against the target rows.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from msn_fast.kernels import LossStats, msn_prototype_loss
+
+from .config import Config
+from .heads import Encoder, ProjectionHead, init_prototypes
+from .masking import sample_keep_indices
+from .vit import ViTArch, VisionTransformer
+
+
+class MSN(nn.Module):
+    def __init__(self, cfg: Config, device=None):
+        super().__init__()
+        v, h = cfg.vit, cfg.head
+        arch = ViTArch(dim=v.dim, depth=v.depth, heads=v.heads, patch_size=v.patch_size, mlp_ratio=v.mlp_ratio)
+        trunk = VisionTransformer(arch, img_size=v.img_size, attn_impl=v.attn_impl, device=device)
+        head = ProjectionHead(v.dim, h.hidden_dim, h.out_dim, h.use_bn, device=device)
+        self.student = Encoder(trunk, head)
+        self.target = copy.deepcopy(self.student)
+        self.target.requires_grad_(False)
+        self.prototypes = init_prototypes(h.num_prototypes, h.out_dim, device=device)
+        self.cfg = cfg
+
+    def loss(self, globals_: torch.Tensor, focals: torch.Tensor,
+             process_group=None) -> tuple[torch.Tensor, LossStats]:
+        """globals_: [G>=2, B, 3, S, S] (0 target, 1 anchor); focals: [F, B, 3, s, s] -> (loss, stats)."""
+        cfg = self.cfg
+        b = globals_.shape[1]
+        with torch.no_grad():
+            target = self.target(globals_[0])  # (B, d)
+        grid = globals_.shape[-1] // cfg.vit.patch_size
+        keep = sample_keep_indices(b, grid * grid, cfg.mask.ratio, cfg.mask.mode, device=globals_.device)
+        anchors = [self.student(globals_[1], keep)]  # (B, d)
+        if focals.shape[0]:
+            anchors.append(self.student(focals.flatten(0, 1)))  # (F*B, d), view-major
+        anchor = torch.cat(anchors)
+        num_views = 1 + focals.shape[0]
+        lc = cfg.loss
+        return msn_prototype_loss(anchor, target, self.prototypes, num_views=num_views, tau=lc.tau,
+                                  sharpen=lc.sharpen, me_max_weight=lc.me_max_weight,
+                                  sinkhorn_iters=lc.sinkhorn_iters, process_group=process_group, backend=lc.backend)
+
+
+def param_groups(model: MSN) -> list[dict]:
+    """Official AdamW groups: weight decay on every student tensor with ndim > 1 that is not a bias
+    (this includes pos_embed, cls_token, the patch conv and every linear); none on biases, norms and
+    the prototypes. `apply_wd` marks the groups the weight-decay schedule drives."""
+    decay, no_decay = [], []
+    for name, p in model.student.named_parameters():
+        (decay if p.ndim > 1 and not name.endswith("bias") else no_decay).append(p)
+    return [
+        {"params": decay, "apply_wd": True},
+        {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+        {"params": [model.prototypes], "weight_decay": 0.0, "apply_wd": False},
+    ]

@@ -1,0 +1,194 @@
+"""Vision Transformer with token dropping, as MSN uses it (arXiv 2204.07141, official deit.py semantics).
+
+Pre-norm blocks (LayerNorm eps 1e-6, qkv bias, MLP ratio 4, GELU), a learned position embedding
+and CLS token (trunc_normal 0.02), a final LayerNorm. Tokens are dropped AFTER the position
+embedding is added and CLS is always kept, so the encoder only processes kept tokens. The position
+embedding is bicubically interpolated for other input sizes (the 96 px focal views).
+Attention goes through `msn_fast.kernels.attention`, so `attn_impl` picks the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from msn_fast.kernels import attention
+
+
+@dataclass(frozen=True)
+class ViTArch:
+    """Shape of a ViT; the registry below names the official ones."""
+
+    dim: int
+    depth: int
+    heads: int
+    patch_size: int
+    mlp_ratio: float = 4.0
+
+
+ARCHS: dict[str, ViTArch] = {
+    "vit_tiny": ViTArch(dim=192, depth=12, heads=3, patch_size=16),  # DeiT-Ti, for CPUs and tests
+    "vit_s16": ViTArch(dim=384, depth=12, heads=6, patch_size=16),
+    "vit_b16": ViTArch(dim=768, depth=12, heads=12, patch_size=16),
+    "vit_b8": ViTArch(dim=768, depth=12, heads=12, patch_size=8),
+    "vit_b4": ViTArch(dim=768, depth=12, heads=12, patch_size=4),
+    "vit_l16": ViTArch(dim=1024, depth=24, heads=16, patch_size=16),
+    "vit_l7": ViTArch(dim=1024, depth=24, heads=16, patch_size=7),
+    "vit_h14": ViTArch(dim=1280, depth=32, heads=16, patch_size=14),
+}
+ALIASES = {"vit_small": "vit_s16", "vit_base": "vit_b16", "vit_large": "vit_l16", "vit_huge": "vit_h14"}
+
+
+def get_arch(name: str) -> ViTArch:
+    name = ALIASES.get(name, name)
+    if name not in ARCHS:
+        known = ", ".join(list(ARCHS) + list(ALIASES))
+        raise ValueError(f"unknown model {name!r}; known models: {known}")
+    return ARCHS[name]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; the maths lives in `msn_fast.kernels.attention` (backend `impl`)."""
+
+    def __init__(self, dim: int, heads: int, impl: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.impl = heads, impl
+        self.qkv = nn.Linear(dim, 3 * dim, device=device, dtype=dtype)
+        self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D]."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
+        out = attention(qkv[0], qkv[1], qkv[2], backend=self.impl)  # (B, H, N, d)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, impl: str, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.attn = Attention(dim, heads, impl, **dd)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden, **dd), nn.GELU(), nn.Linear(hidden, dim, **dd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder returning the CLS token; `keep_idx` drops patch tokens after the pos-embed add.
+
+    Args:
+        arch: the shape (dim, depth, heads, patch size).
+        img_size: the size the position embedding is learned at (224 for the official models).
+        attn_impl: attention backend, see `msn_fast.kernels.attention`.
+    """
+
+    def __init__(self, arch: ViTArch, img_size: int = 224, in_chans: int = 3, attn_impl: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.arch, self.img_size, self.patch_size = arch, img_size, arch.patch_size
+        self.grid = img_size // arch.patch_size
+        if self.grid < 1:
+            raise ValueError(f"img_size {img_size} is smaller than the patch size {arch.patch_size}")
+        self.num_patches = self.grid**2
+        self.embed_dim = arch.dim
+        self.patch_embed = nn.Conv2d(in_chans, arch.dim, arch.patch_size, stride=arch.patch_size, **dd)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, arch.dim, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, arch.dim, **dd))
+        self.blocks = nn.ModuleList(
+            Block(arch.dim, arch.heads, arch.mlp_ratio, attn_impl, **dd) for _ in range(arch.depth)
+        )
+        self.norm = nn.LayerNorm(arch.dim, eps=1e-6, **dd)
+        if device is None or torch.device(device).type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Official init: trunc_normal(0.02) for linears, pos-embed and CLS; kaiming for the patch conv."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.kaiming_normal_(self.patch_embed.weight, mode="fan_in", nonlinearity="linear")
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def set_attn_impl(self, impl: str) -> None:
+        for blk in self.blocks:
+            blk.attn.impl = impl
+
+    def patch_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """[1, gh*gw, D] position embedding of the patches, bicubic-interpolated when the grid differs."""
+        pos = self.pos_embed[:, 1:]
+        if (grid_h, grid_w) == (self.grid, self.grid):
+            return pos
+        pos = pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        pos = F.interpolate(pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+
+    def embed(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Images [B, C, H, W] -> tokens [B, 1 + K, D] (CLS first); K = N, or keep_idx.shape[-1].
+
+        keep_idx: kept PATCH indices in [0, N), shared [K] or per-sample [B, K]; None keeps all.
+        """
+        b = x.shape[0]
+        tokens = self.patch_embed(x)  # (B, D, gh, gw)
+        gh, gw = tokens.shape[-2:]
+        tokens = tokens.flatten(2).transpose(1, 2) + self.patch_pos_embed(gh, gw)  # (B, N, D)
+        if keep_idx is not None:
+            if keep_idx.dim() == 1:
+                tokens = tokens[:, keep_idx]
+            else:
+                tokens = torch.gather(tokens, 1, keep_idx.long().unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
+        return torch.cat([cls, tokens], dim=1)
+
+    def forward_features(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Images [B, C, H, W] -> final-normed tokens [B, 1 + K, D]."""
+        t = self.embed(x, keep_idx)
+        for blk in self.blocks:
+            t = blk(t)
+        return self.norm(t)
+
+    def forward(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Images [B, C, H, W] -> CLS after the final LayerNorm, [B, D] (what the projection head sees)."""
+        return self.forward_features(x, keep_idx)[:, 0]
+
+    @torch.no_grad()
+    def extract_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation features: CLS of the last block BEFORE the final LayerNorm, [B, D] (official eval)."""
+        t = self.embed(x)
+        for blk in self.blocks:
+            t = blk(t)
+        return t[:, 0]
+
+
+def build_vit(name: str, img_size: int = 224, attn_impl: str = "auto", patch_size: int | None = None,
+              device=None, dtype=None) -> VisionTransformer:
+    """Build a registered ViT by name (`vit_s16`, `vit_l7`, ...; aliases `vit_small`, ...)."""
+    arch = get_arch(name)
+    if patch_size is not None and patch_size != arch.patch_size:
+        arch = ViTArch(arch.dim, arch.depth, arch.heads, patch_size, arch.mlp_ratio)
+    return VisionTransformer(arch, img_size=img_size, attn_impl=attn_impl, device=device, dtype=dtype)
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["ViTArch", "ARCHS", "get_arch", "VisionTransformer", "build_vit", "num_params"]

@@ -1,0 +1,122 @@
+"""The MSN objective against a float64 computation written from the paper's equations."""
+
+import math
+
+import pytest
+import torch
+
+from msn_fast.kernels import msn_prototype_loss, sinkhorn
+
+
+def equations_loss(anchor, target, protos, num_views, tau, T, lam, sinkhorn_iters=0):
+    """Paper Eq. 1 in float64 with explicit exp/log/pow (no log_softmax, no library softmax)."""
+    a = anchor.double()
+    a = a / a.norm(dim=1, keepdim=True)
+    t = target.double()
+    t = t / t.norm(dim=1, keepdim=True)
+    q = protos.double()
+    q = q / q.norm(dim=1, keepdim=True)
+    ea = torch.exp(a @ q.T / tau)
+    p = ea / ea.sum(1, keepdim=True)
+    with torch.no_grad():
+        et = torch.exp(t @ q.detach().T / tau)
+        pt = et / et.sum(1, keepdim=True)
+        sharp = pt ** (1 / T) / (pt ** (1 / T)).sum(1, keepdim=True)  # sharpen(p, T)
+        if sinkhorn_iters:
+            sharp = sinkhorn(sharp, sinkhorn_iters)
+    targets = sharp.repeat(num_views, 1)
+    ce = -(targets * torch.log(p)).sum(1).mean()
+    pbar = p.mean(0)
+    rloss = (pbar * torch.log(pbar)).sum() + math.log(q.shape[0])
+    return ce + lam * rloss
+
+
+@pytest.mark.parametrize("num_views,b,k,sink,lam", [(1, 7, 16, 0, 1.0), (11, 5, 64, 0, 5.0), (3, 8, 32, 3, 1.0)])
+def test_loss_matches_equations_values_and_grads(num_views, b, k, sink, lam):
+    d = 12
+    anchor = torch.randn(num_views * b, d, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(b, d, dtype=torch.float64)
+    protos = torch.randn(k, d, dtype=torch.float64, requires_grad=True)
+    ref = equations_loss(anchor, target, protos, num_views, 0.1, 0.25, lam, sink)
+    ga, gp = torch.autograd.grad(ref, (anchor, protos))
+    loss, stats = msn_prototype_loss(anchor, target, protos, num_views=num_views, tau=0.1, sharpen=0.25,
+                                     me_max_weight=lam, sinkhorn_iters=sink, backend="torch")
+    ka, kp = torch.autograd.grad(loss, (anchor, protos))
+    torch.testing.assert_close(loss, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ka, ga, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(kp, gp, atol=1e-10, rtol=1e-8)
+    assert torch.isclose(stats.ce + lam * stats.me_max, loss.detach())
+
+
+def test_fp32_loss_close_to_float64():
+    anchor, target, protos = torch.randn(22, 16), torch.randn(2, 16), torch.randn(32, 16)
+    loss32, _ = msn_prototype_loss(anchor, target, protos, num_views=11, backend="torch")
+    loss64 = equations_loss(anchor, target, protos, 11, 0.1, 0.25, 1.0)
+    assert loss32.dtype == torch.float32
+    assert abs(loss32.item() - loss64.item()) < 1e-4
+
+
+def test_bf16_inputs_give_fp32_loss():
+    anchor, target, protos = torch.randn(6, 8).bfloat16(), torch.randn(3, 8).bfloat16(), torch.randn(16, 8)
+    loss, _ = msn_prototype_loss(anchor, target, protos, num_views=2, backend="torch")
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_sharpening_is_softmax_at_tau_times_T():
+    s = torch.randn(9, 40, dtype=torch.float64)
+    tau, T = 0.1, 0.25
+    p = torch.softmax(s / tau, 1)
+    sharp = p ** (1 / T) / (p ** (1 / T)).sum(1, keepdim=True)
+    torch.testing.assert_close(sharp, torch.softmax(s / (tau * T), 1), atol=1e-12, rtol=1e-10)
+
+
+def test_no_gradient_through_targets():
+    anchor = torch.randn(4, 8, requires_grad=True)
+    target = torch.randn(2, 8, requires_grad=True)
+    protos = torch.randn(16, 8, requires_grad=True)
+    loss, _ = msn_prototype_loss(anchor, target, protos, num_views=2, backend="torch")
+    loss.backward()
+    assert target.grad is None
+    assert anchor.grad is not None and protos.grad is not None
+
+
+@pytest.mark.parametrize("iters", [3, 10])
+def test_sinkhorn_marginals(iters):
+    b, k = 32, 16
+    probs = torch.softmax(torch.randn(b, k, dtype=torch.float64) * 3, 1)
+    q = sinkhorn(probs, iters)
+    torch.testing.assert_close(q.sum(1), torch.ones(b, dtype=torch.float64))  # every sample sums to 1
+    # prototype marginals approach B/K; after a few iterations they are close, more iterations closer
+    err = (q.sum(0) - b / k).abs().max().item()
+    assert err < (0.5 if iters == 3 else 0.05)
+    assert (q >= 0).all()
+
+
+def test_me_max_is_zero_at_uniform_mean():
+    # anchors pointing at each prototype equally: mean prediction uniform -> ME-MAX term 0
+    k = 8
+    protos = torch.eye(k, dtype=torch.float64)
+    anchor = torch.eye(k, dtype=torch.float64)  # row i predicts prototype i; the mean over rows is uniform
+    target = torch.eye(k, dtype=torch.float64)
+    _, stats = msn_prototype_loss(anchor, target, protos, num_views=1, backend="torch")
+    assert abs(stats.me_max.item()) < 1e-12
+    # and positive for a non-uniform mean
+    _, stats = msn_prototype_loss(anchor[:2].repeat(4, 1), target, protos, num_views=1, backend="torch")
+    assert stats.me_max.item() > 0.1
+
+
+def test_stats():
+    protos = torch.eye(4)
+    target = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0.1, 0, 0]])
+    _, stats = msn_prototype_loss(torch.randn(3, 4), target, protos, num_views=1, backend="torch")
+    assert stats.num_targets.item() == 2
+    assert 0.9 < stats.max_target_prob.item() <= 1.0
+
+
+def test_bad_shapes_raise_clear_errors():
+    with pytest.raises(ValueError, match="num_views"):
+        msn_prototype_loss(torch.randn(5, 4), torch.randn(2, 4), torch.randn(8, 4), num_views=2)
+    with pytest.raises(ValueError, match="embedding dims"):
+        msn_prototype_loss(torch.randn(4, 4), torch.randn(2, 3), torch.randn(8, 4), num_views=2)
+    with pytest.raises(TypeError, match="int64"):
+        msn_prototype_loss(torch.ones(4, 4, dtype=torch.int64), torch.randn(2, 4), torch.randn(8, 4), num_views=2)

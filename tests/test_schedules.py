@@ -1,0 +1,44 @@
+import math
+
+import pytest
+
+from msn_fast.config import OptimConfig
+from msn_fast.schedules import Schedules, lr_at, momentum_at, wd_at
+
+
+def test_lr_warmup_then_cosine():
+    kw = dict(warmup_steps=10, horizon=110, start_lr=2e-4, lr=1e-3, final_lr=1e-6)
+    assert lr_at(0, **kw) == pytest.approx(2e-4)
+    assert lr_at(5, **kw) == pytest.approx(6e-4)
+    assert lr_at(10, **kw) == pytest.approx(1e-3)
+    assert lr_at(60, **kw) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)
+    assert lr_at(110, **kw) == pytest.approx(1e-6)
+    assert lr_at(500, **kw) == pytest.approx(1e-6)
+
+
+def test_wd_and_momentum_formulas():
+    assert wd_at(0, horizon=100, wd=0.04, final_wd=0.4) == pytest.approx(0.04)
+    assert wd_at(50, horizon=100, wd=0.04, final_wd=0.4) == pytest.approx(0.22)
+    assert wd_at(100, horizon=100, wd=0.04, final_wd=0.4) == pytest.approx(0.4)
+    assert momentum_at(0, horizon=100, start=0.996, end=1.0) == pytest.approx(0.996)
+    assert momentum_at(25, horizon=100, start=0.996, end=1.0) == pytest.approx(0.997)
+
+
+@pytest.mark.parametrize("epochs,end_lr", [(800, 9.9e-5), (200, 1.08e-4)])
+def test_official_end_values_with_125_horizon(epochs, end_lr):
+    """msn_spec.md: training stops at 80% of the schedules: lr ~1e-4, wd ~0.366, m ~0.9992."""
+    ipe = 100
+    s = Schedules(OptimConfig(epochs=epochs), total_steps=epochs * ipe, steps_per_epoch=ipe)
+    end = epochs * ipe
+    assert s.lr(end) == pytest.approx(end_lr, rel=0.01)
+    assert s.wd(end) == pytest.approx(0.366, abs=0.001)
+    assert s.momentum(end) == pytest.approx(0.9992, abs=1e-5)
+    assert s.lr(15 * ipe) == pytest.approx(1e-3)
+
+
+def test_horizon_one_ends_at_end_values():
+    s = Schedules(OptimConfig(epochs=10, warmup_epochs=1, horizon_scale=1.0), total_steps=1000, steps_per_epoch=100)
+    assert s.lr(1000) == pytest.approx(1e-6)
+    assert s.wd(1000) == pytest.approx(0.4)
+    assert s.momentum(1000) == pytest.approx(1.0)
+    assert not math.isclose(s.lr(500), s.lr(501))

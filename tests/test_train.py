@@ -1,0 +1,114 @@
+"""The trainer end to end on tiny settings: loss goes down, checkpoints resume, bad input is one clear line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msn_fast.checkpoint import CheckpointError, load_checkpoint
+from msn_fast.train import main
+
+TINY = ["--vit.dim", "32", "--vit.depth", "2", "--vit.heads", "2", "--head.hidden_dim", "64", "--head.out_dim",
+        "32", "--head.num_prototypes", "32", "--data.batch_size", "32", "--data.num_workers", "0",
+        "--data.global_size", "16", "--data.focal_size", "8", "--data.num_focal", "2", "--vit.img_size", "16",
+        "--run.log_every", "1"]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_recipe_loss_goes_down(tmp_path):
+    """The vit_tiny recipe's objective decreases over its first steps (a shortened default run)."""
+    out = tmp_path / "run"
+    rc = main(TINY + ["--optim.epochs", "2", "--optim.warmup_epochs", "0.2", "--run.eval_lowshot", "false",
+                      "--run.out_dir", str(out)])
+    assert rc == 0
+    losses = [m["loss"] for m in _metrics(out)]
+    assert len(losses) == 2 * (1297 // 32)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vit"]["dim"] == 32 and cfg["model"] == "vit_tiny"
+    state = load_checkpoint(out / "checkpoint_latest.pt")
+    assert state["step"] == len(losses)
+
+
+def test_resume_continues_exactly(tmp_path):
+    args = TINY + ["--optim.epochs", "1", "--run.eval_lowshot", "false", "--run.checkpoint_every", "3"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(args + ["--run.max_steps", "6", "--run.out_dir", str(full)]) == 0
+    assert main(args + ["--run.max_steps", "3", "--run.out_dir", str(part)]) == 0
+    assert main(args + ["--run.max_steps", "6", "--run.out_dir", str(part), "--run.resume", "true"]) == 0
+    a = [m["loss"] for m in _metrics(full)]
+    b = [m["loss"] for m in _metrics(part)]
+    assert len(a) == 6 and len(b) == 6
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+def test_lowshot_report_written(tmp_path):
+    out = tmp_path / "run"
+    assert main(TINY + ["--run.max_steps", "2", "--run.eval_draws", "2", "--run.out_dir", str(out)]) == 0
+    report = json.loads((out / "lowshot.json").read_text())
+    assert set(report["results"]) == {"msn (target encoder)", "random-init encoder", "raw pixels"}
+    for res in report["results"].values():
+        assert set(res) == {"1-shot", "2-shot", "5-shot"}
+        assert all(0.0 <= a <= 1.0 for a in res["5-shot"]["accuracy"])
+
+
+def test_image_folder_training(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(data / c / f"{i}.png")
+    (data / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "run"
+    args = TINY + ["--data.batch_size", "8", "--run.max_steps", "2", "--data.path", str(data), "--run.out_dir",
+                   str(out)]
+    assert main(args) == 0
+    assert sum(m["skipped_images"] for m in _metrics(out)[-1:]) >= 0
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(bad)
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an msn-fast checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data.path", "/nonexistent/folder"], "data folder /nonexistent/folder does not exist"),
+    (["--model", "vit_xl"], "unknown model 'vit_xl'"),
+    (["--optim.lr", "fast"], "--optim.lr expects float; got 'fast'"),
+    (["--optim.lrr", "1"], "unknown option --optim.lrr; did you mean --optim.lr?"),
+    (["--mask.ratio", "1.2"], "mask.ratio=1.2 must be in [0, 1)"),
+])
+def test_bad_input_is_one_clear_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_empty_folder_and_folder_without_images(tmp_path, capsys):
+    assert main(["--data.path", str(tmp_path), "--run.out_dir", str(tmp_path / "o")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    (tmp_path / "readme.txt").write_text("x")
+    assert main(["--data.path", str(tmp_path), "--run.out_dir", str(tmp_path / "o")]) == 2
+    assert "no images found" in capsys.readouterr().err
+
+
+def test_cli_help_lists_fields():
+    out = subprocess.run([sys.executable, "-m", "msn_fast.train", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0
+    assert "--optim.lr" in out.stdout and "peak lr" in out.stdout and "--data.path" in out.stdout

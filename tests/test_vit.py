@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from msn_fast.heads import ProjectionHead
+from msn_fast.masking import num_kept
+from msn_fast.vit import ARCHS, ViTArch, VisionTransformer, build_vit, get_arch
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_every_registered_config_on_meta_with_official_token_counts(name):
+    """Full-size models built on the meta device (no memory): token counts of the MSN views."""
+    arch = ARCHS[name]
+    vit = build_vit(name, img_size=224, device="meta")
+    n = (224 // arch.patch_size) ** 2
+    assert vit.num_patches == n and vit.pos_embed.shape == (1, 1 + n, arch.dim)
+    ratio = {"vit_l7": 0.7, "vit_b4": 0.7, "vit_s16": 0.15}.get(name, 0.3)
+    keep = torch.arange(num_kept(n, ratio), device="meta")
+    x = torch.empty(2, 3, 224, 224, device="meta")
+    tokens = vit.embed(x, keep)
+    assert tokens.shape == (2, 1 + num_kept(n, ratio), arch.dim)
+    focal = vit.embed(torch.empty(2, 3, 96, 96, device="meta"))
+    assert focal.shape == (2, 1 + (96 // arch.patch_size) ** 2, arch.dim)
+
+
+def test_official_l7_numbers():
+    vit = build_vit("vit_l7", device="meta")
+    assert vit.num_patches == 1024  # 32 x 32
+    assert num_kept(1024, 0.7) == 307  # + CLS = 308 anchor tokens
+    assert (96 // 7) ** 2 + 1 == 170  # focal tokens (conv stride 7 drops 5 px)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_every_config_runs_at_tiny_width_on_cpu(name):
+    arch = get_arch(name)
+    small = ViTArch(dim=16, depth=2, heads=2, patch_size=arch.patch_size)
+    vit = VisionTransformer(small, img_size=2 * arch.patch_size * 2)
+    s = vit.img_size
+    x = torch.randn(3, 3, s, s)
+    keep = torch.randperm(vit.num_patches)[: num_kept(vit.num_patches, 0.5)]
+    out = vit(x, keep)
+    assert out.shape == (3, 16) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert vit.pos_embed.grad is not None
+
+
+def test_aliases_and_unknown_name():
+    assert get_arch("vit_small") == ARCHS["vit_s16"]
+    assert get_arch("vit_huge") == ARCHS["vit_h14"]
+    with pytest.raises(ValueError, match="unknown model 'vit_xl'"):
+        get_arch("vit_xl")
+
+
+@pytest.mark.parametrize("impl", ["torch", "eager"])
+def test_attention_impls_agree(impl):
+    torch.manual_seed(0)
+    vit = VisionTransformer(ViTArch(dim=32, depth=2, heads=4, patch_size=4), img_size=20)
+    x = torch.randn(2, 3, 20, 20)
+    vit.set_attn_impl("eager")
+    ref = vit(x)
+    vit.set_attn_impl(impl)
+    torch.testing.assert_close(vit(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_pos_embed_interpolation_for_focal_views():
+    vit = VisionTransformer(ViTArch(dim=16, depth=1, heads=2, patch_size=4), img_size=32)
+    pos = vit.patch_pos_embed(8, 8)
+    torch.testing.assert_close(pos, vit.pos_embed[:, 1:])
+    small = vit.patch_pos_embed(4, 4)
+    assert small.shape == (1, 16, 16)
+    # a focal view's forward uses 16 patches + CLS
+    assert vit.forward_features(torch.randn(1, 3, 16, 16)).shape == (1, 17, 16)
+
+
+def test_eval_features_are_pre_norm_cls():
+    vit = VisionTransformer(ViTArch(dim=16, depth=2, heads=2, patch_size=4), img_size=16)
+    x = torch.randn(2, 3, 16, 16)
+    feats = vit.extract_features(x)
+    t = vit.embed(x)
+    for blk in vit.blocks:
+        t = blk(t)
+    torch.testing.assert_close(feats, t[:, 0])
+    torch.testing.assert_close(vit.norm(feats), vit(x))
+
+
+def test_official_init_statistics():
+    vit = build_vit("vit_s16")
+    assert abs(vit.pos_embed.std().item() - 0.02) < 0.003
+    w = vit.blocks[0].attn.qkv.weight
+    assert abs(w.std().item() - 0.02) < 0.002 and vit.blocks[0].attn.qkv.bias.abs().max() == 0
+    assert vit.blocks[0].norm1.weight.eq(1).all()
+
+
+def test_projection_head_shape():
+    head = ProjectionHead(384)
+    assert head(torch.randn(4, 384)).shape == (4, 256)
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules()) == 2
