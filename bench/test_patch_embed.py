@@ -10,6 +10,7 @@ Run: pytest bench/test_patch_embed.py --benchmark-only
 
 import pytest
 import torch
+
 from msn_fast.kernels.patch_embed import embed_kept_patches, embed_kept_patches_ref
 
 HAS_CUDA = torch.cuda.is_available()

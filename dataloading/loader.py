@@ -1,7 +1,7 @@
 """Torch data loader of MSN multi-view batches: sharded, seeded, resumable, robust to bad files.
 
-Every process (rank) sees a disjoint slice of one seeded permutation per epoch (drop_last, like
-DistributedSampler), so each image is seen at most once per epoch across ranks. Each sample's
+Every process (rank) sees a disjoint slice of each global batch of one seeded permutation per epoch
+(drop_last, like DistributedSampler), so each image is seen at most once per epoch across ranks. Each sample's
 augmentation is seeded from (seed, epoch, index), so batches are identical whatever the number of
 workers and whether the epoch was resumed part-way. A broken image is
 replaced by the next readable one in the source, counted in `MultiViewBatch.skipped` and warned
@@ -84,10 +84,13 @@ class ShardedSampler(Sampler[int]):
         self.epoch, self.start_batch = epoch, batch
 
     def indices(self) -> list[int]:
+        """This rank's indices for the epoch: global batch j is perm[j·B·W : (j+1)·B·W] and rank r takes its
+        r-th slice, so W processes with batch B see exactly the batches of one process with batch W·B."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
-        per_rank = self.batches_per_epoch * self.batch_size
-        return perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+        b, w = self.batch_size, self.world
+        starts = [(j * w + self.rank) * b for j in range(self.batches_per_epoch)]
+        return [i for s in starts for i in perm[s:s + b]]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start_batch * self.batch_size:])
@@ -103,8 +106,11 @@ class MultiViewLoader:
                  seed: int = 0, num_workers: int = 2, pin_memory: bool = False):
         self.dataset = MultiViewDataset(source, recipe, seed)
         self.sampler = ShardedSampler(len(source), batch_size, rank, world, seed)
+        # A private generator: otherwise every new iterator draws its base seed from the global RNG, which
+        # would shift the masks sampled by the trainer and break exact resume.
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 collate_fn=collate, drop_last=True, pin_memory=pin_memory)
+                                 collate_fn=collate, drop_last=True, pin_memory=pin_memory,
+                                 generator=torch.Generator().manual_seed(seed))
 
     @property
     def batches_per_epoch(self) -> int:

@@ -1,8 +1,8 @@
 """Shared plumbing for the kernels: backend choice, interpreter detection, launch settings.
 
 Every public op in `msn_fast.kernels` takes `backend="auto" | "triton" | "torch"` (attention also
-"xformers"). "auto" means Triton on a CUDA tensor (or under the Triton interpreter when the tensor
-is on the CPU and TRITON_INTERPRET=1) and the torch implementation otherwise. This module imports
+"xformers"). "auto" means Triton on a CUDA tensor and the torch implementation otherwise (also under the
+Triton interpreter: tests ask for backend="triton" explicitly). This module imports
 only torch and triton, so the kernels can be reused alone.
 """
 
@@ -40,9 +40,9 @@ def resolve_backend(backend: str, x: torch.Tensor, op: str, extra: tuple[str, ..
     if backend not in allowed:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(allowed)}")
     if backend == "auto":
-        if triton_available() and (x.is_cuda or (interpreting() and x.device.type == "cpu")):
-            return "triton"
-        return "torch"
+        # CPU tensors always take the torch path, even under the interpreter: the interpreter is for
+        # testing kernels (with backend="triton"), not for running models.
+        return "triton" if x.is_cuda and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend='triton' requested but triton is not installed")

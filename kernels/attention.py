@@ -6,16 +6,19 @@ computed in fp32), "xformers" (memory_efficient_attention, CUDA only, when insta
 "triton": a FlashAttention-2-style kernel (Dao 2023, arXiv:2307.08691; layout after the Triton
 tutorial 06-fused-attention) with online softmax in exp2, any N via masked loads, head dims
 32/64/80/96/128 padded to a power of two inside the kernel, and a split, atomic-free backward.
+MSN_FAST_AUTOTUNE=0 in the environment skips autotuning (first config only: faster start-up).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._utils import check_dtype, check_same_device, interpreting, next_power_of_2, resolve_backend
 
@@ -24,34 +27,55 @@ SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) == exp2(x·log2 e)
 
 
-def _configs(block_a: str, block_b: str, sizes_a, sizes_b) -> list[triton.Config]:
-    """A small Hopper list; keep() drops 8 warps on small tiles and 4 warps on 128x128 tiles."""
+def _configs(block_q: str, block_kv: str, sizes_q, sizes_kv) -> list[triton.Config]:
+    """A small Hopper list (6 per kernel, each compiled once per head dim and dtype): keep() drops
+    8 warps on small tiles and 4 warps on 128x128 tiles, which get 2 stages instead of 3."""
 
     def keep(c: triton.Config) -> bool:
-        area = c.kwargs[block_a] * c.kwargs[block_b]
-        return (c.num_warps == 8) == (area >= 128 * 128)
+        return (c.num_warps == 8) == (c.kwargs[block_q] * c.kwargs[block_kv] >= 128 * 128)
 
     configs = [
-        triton.Config({block_a: a, block_b: b}, num_warps=w, num_stages=s)
-        for a in sizes_a
-        for b in sizes_b
+        triton.Config({block_q: a, block_kv: b}, num_warps=w, num_stages=3 if w == 4 else 2)
+        for a in sizes_q
+        for b in sizes_kv
         for w in (4, 8)
-        for s in (2, 3)
     ]
-    configs = [c for c in configs if keep(c)]
-    # The interpreter cannot autotune over several configs; its first one has unequal blocks so
-    # that a transposed index shows, and several blocks per row at the test lengths.
+    return [c for c in configs if keep(c)]
+
+
+def _pruner(block_q: str, block_kv: str):
+    """Per call: fp32 (a correctness path; IEEE dots compile slowly and big fp32 tiles overflow shared
+    memory) and MSN_FAST_AUTOTUNE=0 get the first config; otherwise drop blocks longer than the padded
+    sequence."""
+
+    def prune(configs, named_args, **kwargs):
+        if named_args["Q"].dtype == torch.float32 or os.environ.get("MSN_FAST_AUTOTUNE", "1") == "0":
+            return configs[:1]
+        cap_q, cap_kv = (max(64, next_power_of_2(named_args[n])) for n in ("N_Q", "N_KV"))
+        kept = [c for c in configs if c.kwargs[block_q] <= cap_q and c.kwargs[block_kv] <= cap_kv]
+        return kept or configs[:1]
+
+    return {"early_config_prune": prune}
+
+
+# The interpreter cannot autotune over several configs, so it gets the first: unequal blocks (a
+# transposed index shows) and several blocks per row at the test lengths.
+FWD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", (64, 128), (32, 64, 128))
+DKDV_CONFIGS = _configs("BLOCK_M1", "BLOCK_N1", (32, 64, 128), (64, 128))
+DQ_CONFIGS = _configs("BLOCK_M2", "BLOCK_N2", (64, 128), (32, 64, 128))
+
+
+def _tuned(configs: list[triton.Config]) -> list[triton.Config]:
     return configs[:1] if interpreting() else configs
 
 
-_FWD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", (64, 128), (32, 64, 128))
-_DKDV_CONFIGS = _configs("BLOCK_M1", "BLOCK_N1", (32, 64, 128), (64, 128))
-_DQ_CONFIGS = _configs("BLOCK_M2", "BLOCK_N2", (64, 128), (32, 64, 128))
-_TUNE_KEY = ["N_Q", "N_KV", "HEAD_DIM"]  # the autotuner adds every tensor argument's dtype to the key
+# The autotuner adds every tensor argument's dtype to the key. HEAD_DIM is a runtime int (only
+# BLOCK_D is constexpr) so that D = 80, 96 and 128 share one compiled kernel per config.
+_TUNE_KEY = ["N_Q", "N_KV", "HEAD_DIM"]
 _PRE_BLOCK_M = 64
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(_tuned(FWD_CONFIGS), _TUNE_KEY, _pruner("BLOCK_M", "BLOCK_N"))
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, LSE, qk_scale,
@@ -60,7 +84,7 @@ def _attention_fwd_kernel(
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_oz, stride_oh, stride_om, stride_od,
     H, N_Q, N_KV,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
@@ -111,7 +135,7 @@ def _attention_bwd_preprocess_kernel(
     stride_oz, stride_oh, stride_om, stride_od,
     stride_doz, stride_doh, stride_dom, stride_dod,
     H, N_Q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Delta = rowsum(O * dO) in fp32, the softmax-backward correction term."""
     off_hz = tl.program_id(1).to(tl.int64)
@@ -126,7 +150,7 @@ def _attention_bwd_preprocess_kernel(
     tl.store(Delta + off_hz * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(_tuned(DKDV_CONFIGS), _TUNE_KEY, _pruner("BLOCK_M1", "BLOCK_N1"))
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, Delta, qk_scale, sm_scale,
@@ -137,7 +161,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dkz, stride_dkh, stride_dkn, stride_dkd,
     stride_dvz, stride_dvh, stride_dvn, stride_dvd,
     H, N_Q, N_KV,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
 ):  # fmt: skip
     """One program per key block: dV = Pᵀ dO and dK = scale · dSᵀ Q, looping over all query blocks.
@@ -187,7 +211,7 @@ def _attention_bwd_dkdv_kernel(
     tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(_tuned(DQ_CONFIGS), _TUNE_KEY, _pruner("BLOCK_M2", "BLOCK_N2"))
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, Delta, qk_scale, sm_scale,
@@ -197,7 +221,7 @@ def _attention_bwd_dq_kernel(
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dqz, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_KV,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
 ):  # fmt: skip
     """One program per query block: dQ = scale · dS K, looping over all key blocks."""
@@ -241,7 +265,7 @@ def _attention_bwd_dq_kernel(
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 
-def _check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_dtype("attention (triton)", name, t, SUPPORTED_DTYPES)
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
@@ -253,23 +277,25 @@ def _check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
         raise ValueError("attention (triton): k and v need at least one token (N >= 1)")
 
 
-def _check_buffer(name: str, buf: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor, dtype=None) -> None:
+def _check_buffer(name: str, buf: Tensor, shape: tuple[int, ...], like: Tensor, dtype=None) -> None:
+    """Shape, dtype (like's by default) and device; the fp32 softmax statistics must also be contiguous."""
     dtype = like.dtype if dtype is None else dtype
-    if tuple(buf.shape) != tuple(shape) or buf.dtype != dtype or buf.device != like.device:
+    bad = tuple(buf.shape) != tuple(shape) or buf.dtype != dtype or buf.device != like.device
+    if bad or (dtype == torch.float32 and buf.dim() == 3 and not buf.is_contiguous()):
         raise ValueError(
-            f"attention: {name} buffer is {tuple(buf.shape)} {buf.dtype} on {buf.device}; "
-            f"expected {tuple(shape)} {dtype} on {like.device}"
+            f"attention: {name} buffer is {tuple(buf.shape)} {buf.dtype} on {buf.device} (strides {buf.stride()}); "
+            f"expected {tuple(shape)} {dtype} on {like.device}" + (", contiguous" if buf.dim() == 3 else "")
         )
 
 
-def _empty_bhnd(t: torch.Tensor) -> torch.Tensor:
+def _empty_bhnd(t: Tensor) -> Tensor:
     """An uninitialised [B, H, N, D] tensor stored as [B, N, H, D], so `.transpose(1, 2).reshape(B, N, H*D)`
     after attention is free, as after SDPA's flash path."""
     b, h, n, d = t.shape
     return t.new_empty((b, n, h, d)).transpose(1, 2)
 
 
-def _dot_precision(q: torch.Tensor) -> str:
+def _dot_precision(q: Tensor) -> str:
     """fp32 inputs: IEEE products unless the user allowed TF32 matmuls in torch; 16-bit inputs ignore this."""
     if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
@@ -277,14 +303,8 @@ def _dot_precision(q: torch.Tensor) -> str:
 
 
 def attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float | None = None,
-    *,
-    out: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, out: Tensor | None = None, lse: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Triton forward. q: [B, H, Nq, D], k, v: [B, H, Nkv, D], any strides, fp32/fp16/bf16.
 
     Returns out [B, H, Nq, D] in q's dtype (stored [B, Nq, H, D] unless `out` is given; any strides)
@@ -295,14 +315,10 @@ def attention_fwd(
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
-    if out is None:
-        out = _empty_bhnd(q)
+    out = _empty_bhnd(q) if out is None else out
+    lse = q.new_empty((b, h, n_q), dtype=torch.float32) if lse is None else lse
     _check_buffer("out", out, q.shape, q)
-    if lse is None:
-        lse = q.new_empty((b, h, n_q), dtype=torch.float32)
     _check_buffer("lse", lse, (b, h, n_q), q, torch.float32)
-    if not lse.is_contiguous():
-        raise ValueError("attention: the lse buffer must be contiguous")
     if q.numel() == 0:
         return out, lse
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
@@ -316,18 +332,18 @@ def attention_fwd(
 
 
 def attention_bwd(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
     scale: float | None = None,
     *,
-    dq: torch.Tensor | None = None,
-    dk: torch.Tensor | None = None,
-    dv: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq: Tensor | None = None,
+    dk: Tensor | None = None,
+    dv: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backward. do, out: [B, H, Nq, D] and lse [B, H, Nq] fp32 as saved by `attention_fwd`.
 
     Returns dq, dk, dv in the inputs' dtype (stored [B, N, H, D] unless given; any strides), computed
@@ -338,14 +354,10 @@ def attention_bwd(
     _check_buffer("do", do, q.shape, q)
     _check_buffer("out", out, q.shape, q)
     _check_buffer("lse", lse, q.shape[:3], q, torch.float32)
-    if not lse.is_contiguous():
-        raise ValueError("attention: lse must be contiguous")
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
-    dq = _empty_bhnd(q) if dq is None else dq
-    dk = _empty_bhnd(k) if dk is None else dk
-    dv = _empty_bhnd(v) if dv is None else dv
+    dq, dk, dv = (_empty_bhnd(t) if g is None else g for t, g in ((q, dq), (k, dk), (v, dv)))
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         _check_buffer(name, buf, like.shape, like)
     if q.numel() == 0:
@@ -372,7 +384,7 @@ def attention_bwd(
     return dq, dk, dv
 
 
-def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """Eager reference: softmax(q kᵀ · scale) v with the maths in fp32 (fp64 inputs stay fp64).
 
     q, k, v: [B, H, N, D] -> [B, H, N, D] in q's dtype.
@@ -388,9 +400,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 # ops, and the forward op gets its backward through register_autograd (one mechanism; this takes
 # the place of an autograd.Function). FSDP2 and autocast see ordinary ops on ordinary tensors.
 @torch.library.custom_op("msn_fast::attention_fwd", mutates_args=())
-def _attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return attention_fwd(q, k, v, scale)
 
 
@@ -401,14 +411,14 @@ def _(q, k, v, scale):
 
 @torch.library.custom_op("msn_fast::attention_bwd", mutates_args=())
 def _attention_bwd_op(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     return attention_bwd(do, q, k, v, out, lse, scale)
 
 
@@ -433,7 +443,7 @@ def _backward(ctx, d_out, d_lse):
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             "attention: expected q, k, v of shape [B, H, N, D]; "
@@ -449,7 +459,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     check_same_device("attention", q=q, k=k, v=v)
 
 
-def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     try:
         import xformers.ops as xops
     except ImportError as e:
@@ -461,9 +471,7 @@ def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return out.transpose(1, 2)
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, backend: str = "auto"
-) -> torch.Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str = "auto") -> Tensor:
     """Non-causal attention, softmax(q kᵀ · scale) v, differentiable in q, k and v.
 
     Args:

@@ -247,8 +247,8 @@ def msn_prototype_loss(
         tau: anchor temperature; sharpen: T, so targets use temperature tau*T.
         me_max_weight: λ of the mean-entropy regulariser; sinkhorn_iters: 0 turns Sinkhorn off.
         process_group: the group whose anchors form the batch for ME-MAX and Sinkhorn (default: world).
-        backend: "auto" (Triton on CUDA tensors, or under TRITON_INTERPRET=1 on a CPU; torch otherwise),
-            "triton" (the fused kernels), "torch" (`msn_prototype_loss_ref`).
+        backend: "auto" (Triton on CUDA tensors, torch otherwise), "triton" (the fused kernels; on a CPU
+            only under TRITON_INTERPRET=1), "torch" (`msn_prototype_loss_ref`).
     Returns:
         (scalar loss, LossStats); gradients come back in the inputs' dtypes. All maths in fp32
         whatever the input dtype (fp64 inputs: fp64). The Triton path never syncs with the host.

@@ -5,8 +5,12 @@ embeddings by the normalised prototypes, and each row kernel folds in the row's 
 a scale, s = (x·p̂) / (max(‖x‖, eps) τ), so no normalised copy of the embeddings is written. One
 program owns BLOCK_M whole rows of K prototypes (K = 1024 in MSN, so a row fits one tile), which is
 what makes per-row softmax statistics and per-program column sums possible without atomics.
-Maths runs in the dtype of the logits buffer: fp32, or fp64 for fp64 inputs (tests). Scalar
-arguments are Python floats, which compiled Triton passes as fp32 (the interpreter keeps them exact).
+A step is 7 launches forward (prototype norm, 2 GEMMs, targets with Sinkhorn, anchor rows, a column
+sum, gradient rows + statistics) and 4 backward, plus 3 casts for bf16 embeddings, against 94-119
+aten ops in the eager chain (torch profiler on a CPU, Sinkhorn off/on), which also syncs for its statistics;
+this never does. Maths runs in the dtype of the logits buffer: fp32, or fp64 for fp64 inputs
+(tests). Scalar arguments are Python floats, which compiled Triton passes as fp32 (the interpreter
+keeps them exact).
 """
 
 import math
@@ -98,9 +102,9 @@ def _target_probs_kernel(
             colsum = tl.zeros([BLOCK_K], dtype=acc)
             for r0 in range(0, n_rows, BLOCK_M):
                 rows = r0 + tl.arange(0, BLOCK_M)
-                m = (rows < n_rows)[:, None] & col_ok[None, :]
-                q = tl.load(S + rows[:, None] * stride_sr + cols[None, :], mask=m, other=0.0)
                 row_ok = rows < n_rows
+                m = row_ok[:, None] & col_ok[None, :]
+                q = tl.load(S + rows[:, None] * stride_sr + cols[None, :], mask=m, other=0.0)
                 c = tl.where(row_ok, 1.0 / (n_rows * tl.where(row_ok, tl.sum(q * r[None, :], 1), 1.0)), 0.0)
                 colsum += tl.sum(q * c[:, None], 0)
             r = tl.where(col_ok, 1.0 / (n_protos * tl.where(col_ok, colsum, 1.0)), 0.0)

@@ -29,6 +29,8 @@ class ViTConfig:
     """MLP hidden width / D"""
     attn_impl: str = "auto"
     """attention backend: auto | triton | torch (SDPA) | eager | xformers"""
+    embed_impl: str = "auto"
+    """kept-patch embedding backend of the masked view: auto | triton | torch"""
 
     def __post_init__(self):
         if self.dim % self.heads:
@@ -37,6 +39,8 @@ class ViTConfig:
             raise ValueError(f"vit.img_size={self.img_size} is smaller than vit.patch_size={self.patch_size}")
         if self.attn_impl not in ("auto", "triton", "torch", "eager", "xformers"):
             raise ValueError(f"vit.attn_impl={self.attn_impl!r}: choose auto, triton, torch, eager or xformers")
+        if self.embed_impl not in ("auto", "triton", "torch"):
+            raise ValueError(f"vit.embed_impl={self.embed_impl!r}: choose auto, triton or torch")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -148,6 +152,28 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class DistConfig:
+    param_dtype: str = "auto"
+    """compute dtype of the encoders: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; loss and prototypes stay fp32"""
+    fsdp: str = "auto"
+    """FSDP2 sharding: auto (on when several processes or bf16) | on | off"""
+    activation_checkpointing: bool = False
+    """recompute each ViT block in the backward instead of saving its activations"""
+    compile: bool = False
+    """torch.compile each ViT block"""
+    optimizer: str = "auto"
+    """auto (torch AdamW, fused on CUDA) | apex (apex FusedAdam, CUDA, no FSDP)"""
+
+    def __post_init__(self):
+        if self.param_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"dist.param_dtype={self.param_dtype!r}: choose auto, bf16 or fp32")
+        if self.fsdp not in ("auto", "on", "off"):
+            raise ValueError(f"dist.fsdp={self.fsdp!r}: choose auto, on or off")
+        if self.optimizer not in ("auto", "apex"):
+            raise ValueError(f"dist.optimizer={self.optimizer!r}: choose auto or apex")
+
+
+@dataclass(kw_only=True, slots=True)
 class RunConfig:
     out_dir: str = "runs/msn"
     """where the config, metrics, checkpoints and report go"""
@@ -160,13 +186,13 @@ class RunConfig:
     log_every: int = 10
     """steps between log lines"""
     checkpoint_every: int = 500
-    """steps between checkpoints (and one at the end)"""
+    """steps between checkpoints (and one at the end, and on Ctrl-C/SIGTERM)"""
     eval_lowshot: bool = True
     """after training, low-shot logistic regression on the embedded dataset or on data.path's labels"""
     eval_draws: int = 5
     """random draws of the labelled images per shot count"""
     resume: bool = False
-    """continue from <out_dir>/checkpoint_latest.pt if it exists"""
+    """continue from the latest checkpoint in <out_dir>/checkpoints if there is one"""
     max_bad_steps: int = 10
     """stop after this many consecutive non-finite losses (each is skipped and counted)"""
 
@@ -181,6 +207,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
@@ -206,7 +233,7 @@ def from_dict(d: dict) -> Config:
         if f.name == "model":
             continue
         section_cls = {"vit": ViTConfig, "head": HeadConfig, "mask": MaskConfig, "data": DataConfig,
-                       "loss": LossConfig, "optim": OptimConfig, "run": RunConfig}[f.name]
+                       "loss": LossConfig, "optim": OptimConfig, "dist": DistConfig, "run": RunConfig}[f.name]
         vals = {k: tuple(v) if isinstance(v, list) else v for k, v in d.get(f.name, {}).items()}
         sections[f.name] = section_cls(**vals)
     return Config(model=d.get("model", "vit_tiny"), **sections)

@@ -1,4 +1,8 @@
-"""The end-of-run low-shot report: the trained target encoder against a random-init encoder and raw pixels."""
+"""The end-of-run low-shot report: the trained target encoder against a random-init encoder and raw pixels.
+
+Same protocol as `python -m msn_fast.eval` (msn_fast/evaluation.py): λ cross-validated inside each
+labelled draw (1e-3 at one image per class); accuracy and per-class mean accuracy per draw.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,20 @@ from .model import MSN
 log = logging.getLogger(__name__)
 
 
+def plain_copy(model: MSN, cfg: Config, device) -> MSN:
+    """A plain single-process MSN holding `model`'s full weights (gathers FSDP shards; drops AC/compile wrappers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    plain = MSN(cfg).to(device)
+    plain.load_state_dict(state)
+    return plain
+
+
 def run_lowshot(model: MSN, cfg: Config, train_source, test_source, device, shots=(1, 2, 5)) -> dict:
     """Low-shot accuracy (mean ± std over cfg.run.eval_draws draws) of three feature sets; logs a table."""
     tf = eval_transform(cfg.data.global_size)
-    was_training = model.training
+    model = plain_copy(model, cfg, device)  # unsharded, unwrapped weights (the run may use FSDP/AC/compile)
     model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed + 12345)
@@ -32,13 +46,9 @@ def run_lowshot(model: MSN, cfg: Config, train_source, test_source, device, shot
     for name, fn in extractors.items():
         xtr, ytr = extract_features(fn, train_source, tf, device=device)
         xte, yte = extract_features(fn, test_source, tf, device=device)
-        res = lowshot_eval(xtr, ytr, xte, yte, shots=shots, draws=cfg.run.eval_draws, seed=cfg.run.seed)
+        res = lowshot_eval(xtr, ytr, xte, yte, shots=shots, draws=cfg.run.eval_draws, seed=cfg.run.seed, reg="cv")
         rows[name] = res
-        report["results"][name] = {
-            f"{r.shots}-shot": {"mean": r.mean, "std": r.std, "accuracy": r.accuracy,
-                                "class_mean_accuracy": r.class_mean_accuracy} for r in res
-        }
-    model.train(was_training)
+        report["results"][name] = {r.name: r.to_dict() for r in res}
     log.info("low-shot top-1 accuracy (%%, mean ± std over %d draws; %d test images):\n%s", cfg.run.eval_draws,
              len(test_source), format_table(rows))
     return report

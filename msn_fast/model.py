@@ -19,7 +19,7 @@ from msn_fast.kernels import LossStats, msn_prototype_loss
 from .config import Config
 from .heads import Encoder, ProjectionHead, init_prototypes
 from .masking import sample_keep_indices
-from .vit import ViTArch, VisionTransformer
+from .vit import VisionTransformer, ViTArch
 
 
 class MSN(nn.Module):
@@ -27,7 +27,8 @@ class MSN(nn.Module):
         super().__init__()
         v, h = cfg.vit, cfg.head
         arch = ViTArch(dim=v.dim, depth=v.depth, heads=v.heads, patch_size=v.patch_size, mlp_ratio=v.mlp_ratio)
-        trunk = VisionTransformer(arch, img_size=v.img_size, attn_impl=v.attn_impl, device=device)
+        trunk = VisionTransformer(arch, img_size=v.img_size, attn_impl=v.attn_impl, embed_impl=v.embed_impl,
+                                  device=device)
         head = ProjectionHead(v.dim, h.hidden_dim, h.out_dim, h.use_bn, device=device)
         self.student = Encoder(trunk, head)
         self.target = copy.deepcopy(self.student)

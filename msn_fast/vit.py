@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msn_fast.kernels import attention
+from msn_fast.kernels import attention, embed_kept_patches
 
 
 @dataclass(frozen=True)
@@ -91,13 +91,15 @@ class VisionTransformer(nn.Module):
         arch: the shape (dim, depth, heads, patch size).
         img_size: the size the position embedding is learned at (224 for the official models).
         attn_impl: attention backend, see `msn_fast.kernels.attention`.
+        embed_impl: backend of the fused kept-patch embedding of masked views (`embed_kept_patches`).
     """
 
     def __init__(self, arch: ViTArch, img_size: int = 224, in_chans: int = 3, attn_impl: str = "auto",
-                 device=None, dtype=None):
+                 embed_impl: str = "auto", device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.arch, self.img_size, self.patch_size = arch, img_size, arch.patch_size
+        self.embed_impl = embed_impl
         self.grid = img_size // arch.patch_size
         if self.grid < 1:
             raise ValueError(f"img_size {img_size} is smaller than the patch size {arch.patch_size}")
@@ -132,6 +134,9 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             blk.attn.impl = impl
 
+    def set_embed_impl(self, impl: str) -> None:
+        self.embed_impl = impl
+
     def patch_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """[1, gh*gw, D] position embedding of the patches, bicubic-interpolated when the grid differs."""
         pos = self.pos_embed[:, 1:]
@@ -145,18 +150,17 @@ class VisionTransformer(nn.Module):
         """Images [B, C, H, W] -> tokens [B, 1 + K, D] (CLS first); K = N, or keep_idx.shape[-1].
 
         keep_idx: kept PATCH indices in [0, N), shared [K] or per-sample [B, K]; None keeps all.
+        A masked view goes through the fused kernel, which reads only the kept patches' pixels;
+        an unmasked view takes the plain conv path.
         """
-        b = x.shape[0]
-        tokens = self.patch_embed(x)  # (B, D, gh, gw)
-        gh, gw = tokens.shape[-2:]
-        tokens = tokens.flatten(2).transpose(1, 2) + self.patch_pos_embed(gh, gw)  # (B, N, D)
+        p = self.patch_size
+        gh, gw = x.shape[-2] // p, x.shape[-1] // p
+        cls = self.cls_token + self.pos_embed[:, :1]  # (1, 1, D)
         if keep_idx is not None:
-            if keep_idx.dim() == 1:
-                tokens = tokens[:, keep_idx]
-            else:
-                tokens = torch.gather(tokens, 1, keep_idx.long().unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
-        return torch.cat([cls, tokens], dim=1)
+            return embed_kept_patches(x, self.patch_embed.weight, self.patch_embed.bias, self.patch_pos_embed(gh, gw),
+                                      keep_idx, cls_token=cls, validate=False, backend=self.embed_impl)
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.patch_pos_embed(gh, gw)  # (B, N, D)
+        return torch.cat([cls.expand(x.shape[0], -1, -1), tokens], dim=1)
 
     def forward_features(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Images [B, C, H, W] -> final-normed tokens [B, 1 + K, D]."""
@@ -179,12 +183,13 @@ class VisionTransformer(nn.Module):
 
 
 def build_vit(name: str, img_size: int = 224, attn_impl: str = "auto", patch_size: int | None = None,
-              device=None, dtype=None) -> VisionTransformer:
+              embed_impl: str = "auto", device=None, dtype=None) -> VisionTransformer:
     """Build a registered ViT by name (`vit_s16`, `vit_l7`, ...; aliases `vit_small`, ...)."""
     arch = get_arch(name)
     if patch_size is not None and patch_size != arch.patch_size:
         arch = ViTArch(arch.dim, arch.depth, arch.heads, patch_size, arch.mlp_ratio)
-    return VisionTransformer(arch, img_size=img_size, attn_impl=attn_impl, device=device, dtype=dtype)
+    return VisionTransformer(arch, img_size=img_size, attn_impl=attn_impl, embed_impl=embed_impl, device=device,
+                             dtype=dtype)
 
 
 def num_params(module: nn.Module) -> int:

@@ -36,7 +36,7 @@ def test_bad_arguments():
 
 
 def test_model_keeps_cls_and_drops_after_pos_embed():
-    from msn_fast.vit import ViTArch, VisionTransformer
+    from msn_fast.vit import VisionTransformer, ViTArch
 
     vit = VisionTransformer(ViTArch(dim=16, depth=1, heads=2, patch_size=4), img_size=16)
     x = torch.randn(2, 3, 16, 16)

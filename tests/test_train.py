@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from msn_fast.checkpoint import CheckpointError, load_checkpoint
+from msn_fast.checkpoint import CheckpointError, load_meta, load_model
 from msn_fast.train import main
 
 TINY = ["--vit.dim", "32", "--vit.depth", "2", "--vit.heads", "2", "--head.hidden_dim", "64", "--head.out_dim",
@@ -33,8 +33,9 @@ def test_default_recipe_loss_goes_down(tmp_path):
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vit"]["dim"] == 32 and cfg["model"] == "vit_tiny"
-    state = load_checkpoint(out / "checkpoint_latest.pt")
-    assert state["step"] == len(losses)
+    assert load_meta(out)["step"] == len(losses)
+    model, cfg2 = load_model(out)
+    assert cfg2.vit.dim == 32 and model.prototypes.shape == (32, 32)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -75,15 +76,16 @@ def test_image_folder_training(tmp_path):
 
 
 def test_checkpoint_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(tmp_path / "nope.pt")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no msn-fast checkpoint"):
+        load_meta(tmp_path / "nope")
+    step = tmp_path / "step_0000001"
+    step.mkdir()
+    (step / "meta.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="unreadable"):
-        load_checkpoint(bad)
-    torch.save({"a": 1}, tmp_path / "other.pt")
+        load_meta(step)
+    torch.save({"a": 1}, step / "meta.pt")
     with pytest.raises(CheckpointError, match="not an msn-fast checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
+        load_meta(step)
 
 
 @pytest.mark.parametrize("args,message", [

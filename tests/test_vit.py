@@ -3,7 +3,7 @@ import torch
 
 from msn_fast.heads import ProjectionHead
 from msn_fast.masking import num_kept
-from msn_fast.vit import ARCHS, ViTArch, VisionTransformer, build_vit, get_arch
+from msn_fast.vit import ARCHS, VisionTransformer, ViTArch, build_vit, get_arch
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
@@ -94,3 +94,21 @@ def test_projection_head_shape():
     head = ProjectionHead(384)
     assert head(torch.randn(4, 384)).shape == (4, 256)
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules()) == 2
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_sample"])
+def test_fused_embed_of_masked_view_matches_torch_path(mode):
+    """The ViT's masked view through the Triton kernel (interpreter on CPU) equals the conv+pos+gather path."""
+    from msn_fast.masking import sample_keep_indices
+
+    vit = VisionTransformer(ViTArch(dim=16, depth=1, heads=2, patch_size=4), img_size=16, embed_impl="torch")
+    x = torch.randn(2, 3, 16, 16)
+    keep = sample_keep_indices(2, 16, 0.7, mode)
+    ref = vit.embed(x, keep)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [vit.patch_embed.weight, vit.pos_embed, vit.cls_token])
+    vit.set_embed_impl("triton")
+    out = vit.embed(x, keep)
+    grads = torch.autograd.grad(out.square().sum(), [vit.patch_embed.weight, vit.pos_embed, vit.cls_token])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)

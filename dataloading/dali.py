@@ -1,0 +1,379 @@
+"""MSN multi-view loader on NVIDIA DALI: each image decoded once, then 1 target + 1 anchor + F focal views.
+
+Same interface and output as the torch loader (`MultiViewLoader`): `batches_per_epoch`, `set_position(epoch,
+batch)`, iteration -> MultiViewBatch (float32, normalised, NCHW, grouped by size; CUDA tensors when `device_id` is
+set, CPU otherwise). nvidia.dali is imported lazily, so this module imports without it.
+
+How it stays identical to the torch loader where it matters:
+- The torch loader's ShardedSampler picks each batch's indices, and every random number of every view is drawn
+  in Python from a counter-based stream keyed by (seed, epoch, index). The DALI graph draws nothing: crop boxes,
+  flips, jitter factors, grey and blur choices reach it through `external_source`. So sharding (rank/world,
+  drop_last, each image once per epoch), determinism and resume are the torch loader's, and batches do not
+  depend on DALI's thread count or prefetching.
+- Per view (msn_spec.md section 6): random resized crop and horizontal flip in one ROI resize (torchvision's
+  crop-box rule, bilinear, antialiased) -> with p 0.8 colour jitter: brightness and contrast about the grey mean
+  (`brightness_contrast`, as PIL), then saturation and hue (`hsv`, hue delta = 360 * torchvision's hue fraction,
+  in degrees) -> grey with p 0.2 (`hsv` saturation 0 = PIL's ITU-R 601 luma) -> Gaussian blur p 0.5, sigma
+  U(0.1, 2) (PIL's radius is its sigma) -> normalise. The ops run under `if` (DALI conditionals), only on the
+  samples that need them. Differences, all small: jitter runs in a fixed order (torchvision shuffles the four),
+  DALI's hue is a rotation in YIQ space rather than PIL's HSV shift, and brightness is not clipped before contrast.
+
+Robustness (an epoch never dies because of one file):
+- Folder files are read in Python. At first sight each gets a PIL header check (no decode): a complete
+  8-bit RGB or grey JPEG/PNG (JPEG ends with EOI, PNG with IEND) goes to DALI's decoder as bytes; anything else
+  (CMYK, 16-bit, alpha, palette, other formats, truncated files) is decoded by `load_image` (PIL, `to_rgb`) and
+  passed on as uncompressed PPM bytes, so it comes out as the torch loader sees it. Files PIL cannot decode are
+  skipped: replaced by the next readable image, counted in `MultiViewBatch.skipped`, warned about by name once.
+- If DALI's decoder still fails (corrupt data behind a valid header), the files of the failed and prefetched
+  batches are checked one by one (PIL, then a one-image DALI decode), the culprits re-routed or skipped, and the
+  pipeline rebuilt and re-run from the failed batch: the output is what it would have been had the file been
+  routed that way from the start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import logging
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .loader import MultiViewBatch, ShardedSampler
+from .sources import ImageFolder, load_image
+from .views import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe
+
+log = logging.getLogger(__name__)
+
+RATIO = (3 / 4, 4 / 3)
+_FAST, _PIL, _BAD = 0, 1, 2  # how a folder file reaches DALI: its own bytes, PIL-decoded PPM, skipped
+_NPARAM = 10  # per view: roi start, roi end, jitter?, brightness, contrast, colour?, hue, saturation, blur?, sigma
+MAX_REPLACEMENTS = 64
+
+
+def dali_available() -> bool:
+    """True when nvidia.dali imports (the `dali` extra: nvidia-dali-cuda120, Linux x86_64)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _fast_path(data: bytes) -> tuple[bool, tuple[int, int]]:
+    """(DALI can take these bytes as they are, (h, w)) from a PIL header parse; raises if PIL cannot parse it."""
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        fmt, mode = im.format, im.mode
+    complete = (fmt == "JPEG" and data.rstrip(b"\0").endswith(b"\xff\xd9")) or (
+        fmt == "PNG" and data[-12:-4] == b"\0\0\0\0IEND")
+    return complete and mode in ("RGB", "L") and w > 0 and h > 0, (h, w)
+
+
+def _ppm(img: Image.Image) -> np.ndarray:
+    """8-bit RGB PIL image -> binary PPM bytes (no compression: the cheapest input DALI's decoder takes)."""
+    return np.frombuffer(b"P6 %d %d 255\n" % img.size + img.tobytes(), np.uint8)
+
+
+def _crop_boxes(u: np.ndarray, hw: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """torchvision RandomResizedCrop.get_params, vectorised. u [..., 22] uniforms, hw [..., 2], scale [..., 2]
+    -> (y0, x0, h, w) [..., 4]: 10 tries of area ~ U(scale)·H·W and log-uniform ratio, else a central crop."""
+    h, w = hw[..., :1], hw[..., 1:2]
+    target = h * w * (scale[..., :1] + (scale[..., 1:2] - scale[..., :1]) * u[..., :10])
+    lr = np.log(RATIO)
+    aspect = np.exp(lr[0] + (lr[1] - lr[0]) * u[..., 10:20])
+    cw, ch = np.round(np.sqrt(target * aspect)), np.round(np.sqrt(target / aspect))
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = ok.argmax(-1)[..., None]
+    cw, ch, found = np.take_along_axis(cw, first, -1), np.take_along_axis(ch, first, -1), ok.any(-1, keepdims=True)
+    r = w / h  # fallback: the whole image, clamped to the ratio range, centred
+    fw = np.where(r < RATIO[0], w, np.where(r > RATIO[1], np.round(h * RATIO[1]), w))
+    fh = np.where(r < RATIO[0], np.round(w / RATIO[0]), h)
+    cw, ch = np.where(found, cw, fw), np.where(found, ch, fh)
+    y0 = np.where(found, np.floor(u[..., 20:21] * (h - ch + 1)), (h - ch) // 2)
+    x0 = np.where(found, np.floor(u[..., 21:22] * (w - cw + 1)), (w - cw) // 2)
+    return np.concatenate([y0, x0, ch, cw], -1)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (a bijective 64-bit hash; uint64 arithmetic wraps)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seed: int, epoch: int, keys, n: int) -> np.ndarray:
+    """[len(keys), n] float64 uniforms in [0, 1): a counter-based SplitMix64 stream per (seed, epoch, key).
+
+    Vectorised over the batch (~1 us per image; a numpy Generator per sample costs ~100 us of the main thread).
+    """
+    mask = (1 << 64) - 1
+    base = _mix(np.array([seed & mask], np.uint64))
+    base = _mix(base ^ np.array([epoch & mask], np.uint64))
+    state = _mix(base ^ (np.asarray(keys, np.int64).astype(np.uint64)[:, None] + np.uint64(1)))
+    ctr = (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))[None, :]
+    return (_mix(state + ctr) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def view_params(recipe: ViewRecipe, keys: list[int], hw: np.ndarray, seed: int, epoch: int) -> list[np.ndarray]:
+    """All random choices of a batch: per view, _NPARAM arrays of shape [B] or [B, 2] (see _NPARAM).
+
+    Sample b's numbers depend on (seed, epoch, keys[b]) only.
+    """
+    r, s = recipe, recipe.color_jitter
+    nv = r.num_global + r.num_focal
+    u = uniforms(seed, epoch, keys, nv * 31).reshape(len(keys), nv, 31)  # [B, V, 31]
+    scale = np.array([r.global_scale] * r.num_global + [r.focal_scale] * r.num_focal, np.float64)
+    box = _crop_boxes(u[..., :22], hw[:, None, :].astype(np.float64), np.broadcast_to(scale, u.shape[:2] + (2,)))
+    y0, x0, ch, cw = np.moveaxis(box, -1, 0)
+    flip = u[..., 22] < 0.5
+    start = np.stack([y0, np.where(flip, x0 + cw, x0)], -1).astype(np.float32)
+    end = np.stack([y0 + ch, np.where(flip, x0, x0 + cw)], -1).astype(np.float32)
+    jit, grey, blur = u[..., 23] < 0.8, u[..., 28] < 0.2, u[..., 29] < r.blur_prob
+    fac = 1 - 0.8 * s + 1.6 * s * u[..., 24:27]  # brightness, contrast, saturation factors ~ U(1 -+ 0.8 s)
+    hue = np.where(jit, (u[..., 27] * 2 - 1) * 0.2 * s * 360, 0)  # torchvision hue fraction -> degrees
+    sat = np.where(jit, fac[..., 2], 1) * ~grey
+    sigma = 0.1 + 1.9 * u[..., 30]
+    per_view = [start, end, jit, fac[..., 0], fac[..., 1], jit | grey, hue, sat, blur, sigma]
+    per_view = [np.ascontiguousarray(np.moveaxis(p, 1, 0), np.bool_ if p.dtype == bool else np.float32)
+                for p in per_view]  # [V, B, ...]
+    return [[p[v] for p in per_view] for v in range(nv)]
+
+
+def _graph(recipe: ViewRecipe, encoded: bool, gpu: bool, source):
+    """The DALI graph: per-batch inputs from `source` -> one normalised CHW float view per output."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    r = recipe
+    nv = r.num_global + r.num_focal
+    ins = fn.external_source(source=source, num_outputs=1 + nv * _NPARAM, batch=True)
+    img = ins[0]
+    if encoded:
+        img = fn.decoders.image(img, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                adjust_orientation=False)
+    else:
+        img = fn.reshape(img, layout="HWC")
+        img = img.gpu() if gpu else img
+    mean, std = [255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD]
+    outs = []
+    for v in range(nv):
+        start, end, jit, bright, contrast, colour, hue, sat, blur, sigma = ins[1 + v * _NPARAM:1 + (v + 1) * _NPARAM]
+        size = r.global_size if v < r.num_global else r.focal_size
+        x = fn.resize(img, size=[size, size], roi_start=start, roi_end=end, antialias=True,
+                      interp_type=types.INTERP_LINEAR)
+        if jit:  # PIL: contrast blends with the grey mean; brightness scales (b·(m + c·(x - m)))
+            centre = fn.reductions.mean(fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY))
+            if gpu:  # argument inputs must live on the CPU: the same formula as GPU arithmetic (10x slower on CPU)
+                y = bright.gpu() * (centre + contrast.gpu() * (x - centre))
+                x = fn.cast(dmath.clamp(y + 0.5, 0, 255), dtype=types.UINT8)
+            else:
+                x = fn.brightness_contrast(x, brightness=bright, contrast=contrast, contrast_center=centre)
+        if colour:
+            x = fn.hsv(x, hue=hue, saturation=sat)
+        if blur:
+            x = fn.gaussian_blur(x, sigma=sigma)
+        outs.append(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std))
+    return tuple(outs)
+
+
+class DaliMultiViewLoader:
+    """Iterable of MultiViewBatch for one process, decoded and augmented by DALI (see the module docstring)."""
+
+    def __init__(self, source: Sequence, recipe: ViewRecipe, batch_size: int, *, rank: int = 0, world: int = 1,
+                 seed: int = 0, num_threads: int = 2, device_id: int | None = None, prefetch: int = 2,
+                 pin_memory: bool = False):
+        if not dali_available():
+            raise ImportError("the DALI loader needs nvidia.dali: pip install 'msn-fast[dali]' (Linux x86_64), "
+                              "or use data.backend=torch")
+        self.source, self.recipe, self.batch_size, self.seed = source, recipe, batch_size, seed
+        self.num_threads, self.device_id, self.prefetch = num_threads, device_id, prefetch
+        self.pin_memory = pin_memory and device_id is None and torch.cuda.is_available()
+        self.sampler = ShardedSampler(len(source), batch_size, rank, world, seed)
+        self.encoded = isinstance(source, ImageFolder)
+        self.route = np.full(len(source), -1, np.int8)  # folder files: -1 unseen, else _FAST/_PIL/_BAD
+        self.hw = np.zeros((len(source), 2), np.int64)
+        self.epoch, self.start = 0, 0
+        self._pipe, self._meta, self._plan, self._next, self._clean, self._label = None, deque(), [], 0, False, -1
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start
+
+    def set_position(self, epoch: int, batch: int = 0) -> None:
+        self.epoch, self.start = epoch, batch
+        self.sampler.set_position(epoch, batch)
+
+    # ---- Python side: images and random numbers of one batch -------------------------------------------------
+    def _mark(self, j: int, route: int, why: str) -> None:
+        self.route[j] = route
+        path = self.source.samples[j][0]
+        if route == _BAD:
+            log.warning("skipping unreadable image %s: %s", path, why)
+        else:
+            log.warning("image %s: %s; decoding it with PIL", path, why)
+
+    def _load(self, j: int) -> np.ndarray | None:
+        """Input bytes (folder) or HWC uint8 pixels (in-memory source) of image j, or None if it is unreadable."""
+        if not self.encoded:
+            img, self._label = self.source[j]
+            if img is None:
+                return None
+            arr = np.asarray(img.convert("RGB"))
+            self.hw[j] = arr.shape[:2]
+            return arr
+        path = self.source.samples[j][0]
+        if self.route[j] in (-1, _FAST):
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                if self.route[j] == -1:
+                    fast, self.hw[j] = _fast_path(data)
+                    self.route[j] = _FAST if fast else _PIL
+                if self.route[j] == _FAST:
+                    return np.frombuffer(data, np.uint8)
+            except Exception:  # unreadable or unparseable: let PIL's decode say why (and warn)
+                self.route[j] = _PIL
+        if self.route[j] == _PIL:
+            img = load_image(path)
+            if img is not None:
+                self.hw[j] = img.size[::-1]
+                return _ppm(img)
+            self.route[j] = _BAD  # load_image warned with the file's name
+        return None
+
+    def _inputs(self, t: int):
+        """External-source callback: the inputs of the plan's batch t (StopIteration after the last one)."""
+        if t >= len(self._plan):
+            raise StopIteration
+        data, keys, used, labels = [], [], [], []
+        for i in self._plan[t]:
+            for k in range(MAX_REPLACEMENTS):  # a broken image is replaced by the next readable one
+                j = (i + k) % len(self.source)
+                if self.route[j] != _BAD and (x := self._load(j)) is not None:
+                    break
+            else:
+                raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable images from index {i}: check the data")
+            data.append(x), keys.append(i), used.append(j)
+            labels.append(self.source.samples[j][1] if self.encoded else self._label)
+        params = view_params(self.recipe, keys, self.hw[used], self.seed, self.epoch)
+        self._meta.append((t, used, labels, sum(j != i for i, j in zip(keys, used))))
+        return [data] + [p for view in params for p in view]
+
+    # ---- DALI side -----------------------------------------------------------------------------------------
+    def _build(self, first: int) -> None:
+        from nvidia.dali import pipeline_def
+
+        self._pipe, self._meta, self._next = None, deque(), first
+        self._plan_iter = iter(range(first, len(self._plan)))
+
+        def source():
+            return self._inputs(next(self._plan_iter))  # StopIteration ends the epoch for DALI
+
+        graph = pipeline_def(_graph, enable_conditionals=True)
+        self._pipe = graph(self.recipe, self.encoded, self.device_id is not None, source,
+                           batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                           prefetch_queue_depth=self.prefetch)  # no seed: the graph draws nothing
+        self._pipe.build()
+
+    def _to_torch(self, outs, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.recipe
+        dev = "cpu" if self.device_id is None else f"cuda:{self.device_id}"
+        g = torch.empty(r.num_global, b, 3, r.global_size, r.global_size, device=dev, pin_memory=self.pin_memory)
+        f = torch.empty(r.num_focal, b, 3, r.focal_size, r.focal_size, device=dev, pin_memory=self.pin_memory)
+        stream = None if self.device_id is None else torch.cuda.current_stream(dev).cuda_stream
+        for v, tl in enumerate(outs):
+            dst = g[v] if v < r.num_global else f[v - r.num_global]
+            if stream is None:
+                tl.copy_to_external(ctypes.c_void_p(dst.data_ptr()))
+            else:
+                tl.copy_to_external(ctypes.c_void_p(dst.data_ptr()), stream, non_blocking=False)
+        return g, f
+
+    def _diagnose(self) -> int:
+        """After a DALI failure: re-route or skip the culprits among the fast-path files of the batches in flight.
+
+        Each is decoded by PIL (fails: skipped) and alone by DALI's CPU decoder (fails: PIL route). If that finds
+        no culprit (say the GPU decoder rejects what the CPU one takes), all of them take the PIL route."""
+        from nvidia.dali import fn, pipeline_def, types
+
+        suspects = sorted({j for m in self._meta for j in m[1] if self.route[j] == _FAST})
+        fixed = 0
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
+                      exec_pipelined=False)
+        def probe():
+            return fn.decoders.image(fn.external_source(name="x"), device="cpu", output_type=types.RGB)
+
+        pipe = None
+        for j in suspects:
+            if load_image(self.source.samples[j][0]) is None:
+                self._mark(j, _BAD, "PIL cannot decode it either")
+                fixed += 1
+                continue
+            try:
+                pipe = pipe or probe()
+                pipe.feed_input("x", [self._load(j)])
+                pipe.run()
+            except Exception as e:
+                self._mark(j, _PIL, f"DALI's decoder rejects it ({str(e).splitlines()[-1][:120]})")
+                pipe, fixed = None, fixed + 1
+        if not fixed:
+            for j in suspects:
+                self._mark(j, _PIL, "in a batch DALI's decoder failed on")
+                fixed += 1
+        return fixed
+
+    def __iter__(self) -> Iterator[MultiViewBatch]:
+        bs = self.batch_size
+        idx = self.sampler.indices()
+        self._plan = [idx[t * bs:(t + 1) * bs] for t in range(self.start, self.batches_per_epoch)]
+        if self._pipe is not None and self._clean:  # the last epoch ran to its end: reuse the pipeline
+            self._pipe.reset()
+            self._meta, self._next, self._plan_iter = deque(), 0, iter(range(len(self._plan)))
+        else:
+            self._build(0)
+        self._clean = False
+        failures = 0
+        while True:
+            try:
+                outs = self._pipe.run()
+            except StopIteration:
+                break
+            except Exception as e:
+                t = self._meta[0][0] if self._meta else self._next
+                failures += 1
+                if failures > 2 or not self._diagnose():
+                    raise RuntimeError(f"DALI pipeline failed at batch {self.start + t} of epoch {self.epoch}: "
+                                       f"{str(e).splitlines()[-1][:300]}") from e
+                self._build(t)
+                continue
+            t, used, labels, skipped = self._meta.popleft()
+            g, f = self._to_torch(outs, len(used))
+            self._next, failures = t + 1, 0
+            lab = torch.tensor(labels, dtype=torch.long)
+            yield MultiViewBatch(g, f, lab if self.device_id is None else lab.to(g.device), int(skipped))
+        self._clean = True
+
+
+def build_dali_loader(source: Sequence, recipe: ViewRecipe, batch_size: int, *, rank: int = 0, world: int = 1,
+                      seed: int = 0, num_threads: int = 2, device_id: int | None = None,
+                      num_workers: int | None = None, pin_memory: bool = False) -> DaliMultiViewLoader:
+    """The DALI loader; `num_workers` (if given) is taken as `num_threads`, so build_loader's keywords work too.
+
+    device_id=None: CPU decoding and augmentation (CPU tensors); an int: `mixed` (GPU) decoding, GPU augmentation
+    and CUDA tensors on that device.
+    """
+    if num_workers is not None:
+        num_threads = max(1, num_workers)
+    return DaliMultiViewLoader(source, recipe, batch_size, rank=rank, world=world, seed=seed,
+                               num_threads=num_threads, device_id=device_id, pin_memory=pin_memory)
+
+
+__all__ = ["DaliMultiViewLoader", "build_dali_loader", "dali_available", "uniforms", "view_params"]

@@ -1,0 +1,126 @@
+"""Process groups and FSDP2 sharding for the trainer (torchrun, single node to many; one process works too).
+
+torchtitan's pattern: `fully_shard` every transformer block, then the root, with
+MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). The EMA target is sharded the same way,
+so its EMA update is a local foreach over matching shards; it reshards after its no-grad forward
+(its root would otherwise keep unsharded params, since no backward reshards them). Prototypes stay
+a replicated fp32 parameter whose gradient is averaged here. BatchNorm statistics in the head are
+computed over the global batch by `SyncBatchNorm1d`, which also works on CPU/gloo.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the torchrun process group if WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU); else single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return DistInfo(rank, world, local_rank)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class SyncBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the batch of every process (SyncBatchNorm semantics).
+
+    Sums and sums of squares are all-reduced with a differentiable all-reduce, so gradients account for
+    the other processes' rows as torch's SyncBatchNorm does; unlike it, this runs on CPU/gloo too, and it
+    takes bf16 inputs with fp32 statistics (FSDP's bf16 policy casts parameters, not BN buffers).
+    x: [B, C] -> [B, C]; statistics in fp32.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and world_size() > 1):  # one process (or eval): plain BN, in fp32 for bf16 inputs
+            w, b = (self.weight.float(), self.bias.float()) if self.affine else (None, None)
+            use_batch = self.training or self.running_mean is None
+            if self.training and self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+            mom = self.momentum if self.momentum is not None else 0.1
+            return F.batch_norm(x.float(), self.running_mean, self.running_var, w, b, use_batch, mom,
+                                self.eps).to(x.dtype)
+        from torch.distributed.nn.functional import all_reduce
+
+        xf = x.float()
+        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_full((1,), x.shape[0])])
+        stats = all_reduce(stats)
+        c = x.shape[1]
+        n = stats[-1]
+        mean, sq = stats[:c] / n, stats[c:2 * c] / n
+        var = (sq - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+            self.running_var.lerp_((var.detach() * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), m)
+            self.num_batches_tracked += 1
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight.float() + self.bias.float()
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm1d in `module` by SyncBatchNorm1d, keeping parameters and buffers."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            new = SyncBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats, device=child.weight.device, dtype=child.weight.dtype)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert_sync_batchnorm(child)
+    return module
+
+
+def shard_encoder(encoder: nn.Module, param_dtype: torch.dtype | None, reshard_root: bool) -> None:
+    """fully_shard each ViT block, then the whole encoder (trunk + head), with bf16 compute if asked."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in encoder.trunk.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(encoder, mp_policy=mp, reshard_after_forward=reshard_root)
+
+
+def all_reduce_grad_mean(param: nn.Parameter) -> None:
+    """Average a replicated parameter's gradient over processes (the prototypes)."""
+    if param.grad is not None and world_size() > 1:
+        dist.all_reduce(param.grad)
+        param.grad /= world_size()
+
+
+def broadcast_parameter(param: nn.Parameter) -> None:
+    """Make a replicated parameter identical on every process (rank 0's value)."""
+    if world_size() > 1:
+        with torch.no_grad():
+            dist.broadcast(param.data, src=0)
+
+
+__all__ = ["DistInfo", "init_distributed", "world_size", "SyncBatchNorm1d", "convert_sync_batchnorm", "shard_encoder",
+           "all_reduce_grad_mean", "broadcast_parameter"]

@@ -1,0 +1,384 @@
+"""Label-efficiency evaluation of a checkpoint: `python -m msn_fast.eval --checkpoint RUN --data DIR`.
+
+Low-shot logistic regression (1, 2, 5 images per class) and label fractions (1%, 10%), each over
+seeded draws (mean ± std), λ chosen inside each labelled draw (`--reg cv`, see msn_fast/evaluation.py);
+k-NN (cosine, k 20, DINO's exp(sim/0.07) votes); a linear probe on all labels (`--linear`).
+Accuracy and per-class mean accuracy side by side. Features: the target encoder's CLS token of the
+last block before the final LayerNorm, one centre crop at the pre-training size (official eval);
+extracted once and cached (`--cache`), keyed by weights + image list + transform.
+
+DIR is either `DIR/train/<class>/*` + `DIR/test/<class>/*` (CIFAR-10 layout) or a list layout:
+`DIR/train.txt` + `DIR/test.txt` with image paths relative to DIR or to one sub-folder of it
+(Caltech-101: `101_ObjectCategories/`); a path's first folder is its class. `--exclude-class`
+(default BACKGROUND_Google) drops a class from both splits. A file in both splits is an error.
+
+Features: `--checkpoint` (an msn-fast run/step directory, an official MSN .pth.tar, or a timm-layout
+ViT state dict), `--random-init` (same architecture as --checkpoint, or the --model recipe's, random
+weights) or `--raw-pixels` (the normalised centre crop, flattened).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msn_fast.dataloading import DataError, ImageFolder, eval_transform
+
+from .checkpoint import CheckpointError
+from .cli import UsageError
+from .config import Config
+from .evaluation import (
+    REG_GRID,
+    extract_features,
+    format_results,
+    fraction_eval,
+    knn_eval,
+    linear_probe,
+    lowshot_eval,
+)
+from .interop import InteropError
+
+log = logging.getLogger("msn_fast.eval")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 through main(), no usage dump
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m msn_fast.eval", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_argument_group("features (one of)")
+    src.add_argument("--checkpoint", help="msn-fast run or step directory, official MSN checkpoint file, "
+                     "or timm-layout ViT state dict (.pth)")
+    src.add_argument("--random-init", action="store_true", help="random weights: the checkpoint's architecture, "
+                     "or --model's")
+    src.add_argument("--raw-pixels", action="store_true", help="flattened normalised pixels of the centre crop")
+    src.add_argument("--model", default="vit_tiny", help="recipe for --random-init / --raw-pixels without "
+                     "--checkpoint (image size and architecture)")
+    src.add_argument("--heads", type=int, help="attention heads of a checkpoint whose width is not an official model's")
+    p.add_argument("--data", required=True, help="DIR with train/ and test/ class folders, or train.txt + test.txt")
+    p.add_argument("--exclude-class", action="append", default=None, metavar="NAME",
+                   help="class folder left out of both splits (repeatable; default: BACKGROUND_Google)")
+    p.add_argument("--img-size", type=int, help="evaluation crop size (default: the pre-training global view size)")
+    ev = p.add_argument_group("evaluations")
+    ev.add_argument("--shots", type=int, nargs="*", default=[1, 2, 5], help="labelled images per class")
+    ev.add_argument("--fractions", type=float, nargs="*", default=[0.01, 0.1], help="fractions of the train labels")
+    ev.add_argument("--draws", type=int, default=5, help="random labelled sets per setting")
+    ev.add_argument("--reg", default="cv", help="λ of the logistic regression: 'cv' (cross-validated inside each "
+                    "labelled set; 1e-3 at one image per class) or a number")
+    ev.add_argument("--knn-k", type=int, default=20, help="k of the k-NN (0: no k-NN)")
+    ev.add_argument("--knn-temperature", type=float, default=0.07, help="k-NN vote weight exp(sim/T); 0: majority")
+    ev.add_argument("--linear", action="store_true", help="also a linear probe on all training labels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (and of --random-init weights)")
+    p.add_argument("--cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                                   "msn_fast", "features"), help="feature cache folder")
+    p.add_argument("--no-cache", action="store_true", help="always extract features, write no cache")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--name", help="label of this feature set in the report")
+    p.add_argument("--out", help="also write the report as JSON here")
+    return p
+
+
+# --- data -----------------------------------------------------------------------------------------------
+
+def _read_list(path: Path) -> list[str]:
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def _drop_classes(src: ImageFolder, exclude: set[str]) -> ImageFolder:
+    keep = [s for s in src.samples if s[1] < 0 or src.classes[s[1]] not in exclude]
+    if not keep:
+        raise DataError(f"no images left in {src.root} after excluding {sorted(exclude)}")
+    src.samples = keep
+    return src
+
+
+def load_splits(data: str | os.PathLike, exclude: list[str] | None = None) -> tuple[ImageFolder, ImageFolder, str]:
+    """(train source, test source, description) of DIR in either layout; raises DataError on leaks."""
+    root = Path(data)
+    exclude_set = set(["BACKGROUND_Google"] if exclude is None else exclude)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    if (root / "train.txt").is_file() and (root / "test.txt").is_file():
+        lists = {s: [f for f in _read_list(root / f"{s}.txt") if Path(f).parts[0] not in exclude_set]
+                 for s in ("train", "test")}
+        if not lists["train"] or not lists["test"]:
+            raise DataError(f"{root}/train.txt or test.txt lists no images (after excluding {sorted(exclude_set)})")
+        both = set(lists["train"]) & set(lists["test"])
+        if both:
+            raise DataError(f"{len(both)} images are listed in both train.txt and test.txt (e.g. {sorted(both)[0]}): "
+                            "the test split would leak into the labelled set")
+        first = lists["train"][0]
+        candidates = [root] + sorted(d for d in root.iterdir() if d.is_dir())
+        image_root = next((d for d in candidates if (d / first).is_file()), None)
+        if image_root is None:
+            raise DataError(f"{first} (first line of {root}/train.txt) is neither under {root} nor one of its folders")
+        splits = {}
+        for s, files in lists.items():
+            src = ImageFolder(image_root, files=files)
+            if len(src) != len(set(files)):
+                found = {os.path.relpath(p, image_root) for p, _ in src.samples}
+                missing = sorted(set(files) - found)
+                raise DataError(f"{len(missing)} images of {root}/{s}.txt are missing or not images "
+                                f"(e.g. {image_root / missing[0]})")
+            if not src.labelled:
+                raise DataError(f"{root}/{s}.txt lists images outside class folders")
+            splits[s] = src
+        layout = f"lists train.txt/test.txt under {image_root}"
+    elif (root / "train").is_dir() and (root / "test").is_dir():
+        splits = {s: ImageFolder(root / s) for s in ("train", "test")}
+        if splits["train"].classes != splits["test"].classes:
+            raise DataError(f"{root}/train and {root}/test have different class folders")
+        for s, src in splits.items():
+            if not src.labelled:
+                raise DataError(f"{root}/{s} has images outside class folders: labels are needed for evaluation")
+            _drop_classes(src, exclude_set)
+        layout = f"folders {root}/train and {root}/test"
+    else:
+        raise DataError(f"{root} has neither train/ and test/ class folders nor train.txt and test.txt")
+    train, test = splits["train"], splits["test"]
+    real = {os.path.realpath(p) for p, _ in train.samples}
+    leaked = [p for p, _ in test.samples if os.path.realpath(p) in real]
+    if leaked:
+        raise DataError(f"{len(leaked)} test images are also training images (e.g. {leaked[0]})")
+    missing = sorted({train.classes[c] for c in set(test.labels()) - set(train.labels())})
+    if missing:
+        log.warning("test classes with no training image (never predicted): %s", ", ".join(missing[:5]))
+    n_cls = len(set(train.labels()))
+    return train, test, f"{layout}: {len(train)} train / {len(test)} test images, {n_cls} classes"
+
+
+# --- features -------------------------------------------------------------------------------------------
+
+def _digest_tensors(state: dict) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _digest_source(src: ImageFolder) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for path, label in src.samples:
+        st = os.stat(path)
+        h.update(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
+    return h.hexdigest()
+
+
+def load_encoder(args, device) -> tuple[Config, torch.nn.Module | None, str]:
+    """(config, trunk or None for raw pixels, human-readable feature name)."""
+    from .checkpoint import load_model
+    from .interop import from_timm_state_dict, load_official, trunk_from_state_dict
+    from .model import MSN
+    from .recipes import get_recipe
+
+    trunk, name, cfg = None, None, None
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        if path.is_dir():
+            model, cfg = load_model(path, device="cpu")
+            trunk, name = model.target.trunk, f"msn target encoder ({path})"
+        else:
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from None
+            if isinstance(ckpt, dict) and "target_encoder" in ckpt:
+                model, cfg = load_official(ckpt, heads=args.heads)
+                trunk, name = model.target.trunk, f"official MSN target encoder ({path.name})"
+            elif isinstance(ckpt, dict) and "pos_embed" in ckpt:
+                trunk = trunk_from_state_dict(from_timm_state_dict(ckpt), heads=args.heads)
+                cfg = Config()
+                cfg.vit.dim, cfg.vit.depth, cfg.vit.heads = trunk.arch.dim, trunk.arch.depth, trunk.arch.heads
+                cfg.vit.mlp_ratio = trunk.arch.mlp_ratio
+                cfg.vit.patch_size, cfg.vit.img_size, cfg.data.global_size = (trunk.patch_size, trunk.img_size,
+                                                                              trunk.img_size)
+                name = f"ViT state dict ({path.name})"
+            else:
+                raise CheckpointError(f"{path}: neither an official MSN checkpoint (target_encoder) nor a ViT "
+                                      "state dict (pos_embed); msn-fast runs are directories")
+    else:
+        try:
+            cfg = get_recipe(args.model)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            trunk = MSN(cfg).target.trunk
+        name = f"random-init {cfg.model} (seed {args.seed})"
+    if args.raw_pixels:
+        trunk, name = None, "raw pixels"
+    cfg.vit.attn_impl = "auto"
+    if trunk is not None:
+        trunk.set_attn_impl("auto")
+        trunk = trunk.to(device).eval()
+    return cfg, trunk, name
+
+
+def cached_features(fn, src: ImageFolder, transform, key_parts: dict, cache: Path | None, device,
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(features, labels, from_cache). The key covers the weights, every image (path, size, mtime) and the
+    transform; a changed file, checkpoint or crop size extracts anew."""
+    file = cache / f"{_cache_key(key_parts, src, transform)}.npz" if cache is not None else None
+    if file is not None and file.is_file():
+        with np.load(file) as z:
+            return z["x"], z["y"], True
+    x, y = extract_features(fn, src, transform, batch_size=batch_size, device=device)
+    if file is not None:
+        _save(file, x, y)
+    return x, y, False
+
+
+PIXEL_CACHE_BYTES = 2 * 2**30
+"""Decoded crops of a split are cached (as the raw-pixel features) when they take at most this much."""
+
+
+def features_via_pixels(fn, spec: dict, src, tf, size: int, split: str, cache: Path | None, device,
+                        batch_size: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Features of one split. Small datasets are decoded once into a cached pixel array (the raw-pixel
+    features), which every encoder then reads instead of decoding the images again."""
+    raw = {"kind": "raw-pixels", "split": split}
+    if spec["kind"] == "raw-pixels" or len(src) * 3 * size * size * 4 > PIXEL_CACHE_BYTES or cache is None:
+        if spec["kind"] != "raw-pixels":
+            return cached_features(fn, src, tf, {**spec, "split": split}, cache, device, batch_size)
+        return cached_features(fn, src, tf, raw, cache, device, batch_size)
+    key = _cache_key({**spec, "split": split}, src, tf)
+    file = cache / f"{key}.npz"
+    if file.is_file():
+        with np.load(file) as z:
+            return z["x"], z["y"], True
+    pix, y, _ = cached_features(lambda x: x.flatten(1), src, tf, raw, cache, device, batch_size)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(pix), batch_size):
+            batch = torch.from_numpy(pix[s:s + batch_size]).view(-1, 3, size, size).to(device)
+            out.append(fn(batch).float().cpu())
+    x = torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    _save(file, x, y)
+    return x, y, False
+
+
+def _cache_key(key_parts: dict, src, transform) -> str:
+    return hashlib.blake2b(json.dumps({**key_parts, "data": _digest_source(src), "transform": repr(transform)},
+                                      sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _save(file: Path, x: np.ndarray, y: np.ndarray) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, x=x, y=y)
+    os.replace(tmp, file)
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+def evaluate(args) -> dict:
+    t0 = time.perf_counter()
+    if args.raw_pixels and args.random_init:
+        raise UsageError("choose one of --random-init and --raw-pixels")
+    if not (args.checkpoint or args.random_init or args.raw_pixels):
+        raise UsageError("give --checkpoint PATH, --random-init or --raw-pixels")
+    if args.reg != "cv":
+        try:
+            args.reg = float(args.reg)
+        except ValueError:
+            raise UsageError(f"--reg expects 'cv' or a number; got {args.reg!r}") from None
+        if args.reg <= 0:
+            raise UsageError(f"--reg must be positive; got {args.reg}")
+    if args.draws < 1 or any(k < 1 for k in args.shots) or any(not 0 < f <= 1 for f in args.fractions):
+        raise UsageError("--draws and --shots must be >= 1 and --fractions in (0, 1]")
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device} but no CUDA device is available")
+
+    train, test, data_desc = load_splits(args.data, args.exclude_class)
+    cfg, trunk, name = load_encoder(args, device)
+    name = args.name or name
+    size = args.img_size or cfg.data.global_size
+    if trunk is not None and size < trunk.patch_size:
+        raise UsageError(f"--img-size {size} is smaller than the patch size {trunk.patch_size}")
+    tf = eval_transform(size)
+    if trunk is None:
+        fn, spec = (lambda x: x.flatten(1)), {"kind": "raw-pixels"}
+    else:
+        fn, spec = trunk.extract_features, {"kind": "cls-prenorm", "weights": _digest_tensors(trunk.state_dict())}
+    cache = None if args.no_cache else Path(args.cache)
+    feats, cached = {}, {}
+    for split, src in (("train", train), ("test", test)):
+        x, y, cached[split] = features_via_pixels(fn, spec, src, tf, size, split, cache, device, args.batch_size)
+        feats[split] = (x, y)
+    t_feat = time.perf_counter() - t0
+    (xtr, ytr), (xte, yte) = feats["train"], feats["test"]
+    log.info("features %s: train %s, test %s (%s; %.0f s)", name, xtr.shape, xte.shape,
+             "from the cache" if all(cached.values()) else "extracted", t_feat)
+
+    results = []
+    if args.shots:
+        results += lowshot_eval(xtr, ytr, xte, yte, shots=args.shots, draws=args.draws, seed=args.seed, reg=args.reg)
+    if args.fractions:
+        results += fraction_eval(xtr, ytr, xte, yte, fractions=args.fractions, draws=args.draws, seed=args.seed,
+                                 reg=args.reg)
+    if args.knn_k > 0:
+        results.append(knn_eval(xtr, ytr, xte, yte, k=args.knn_k, temperature=args.knn_temperature or None))
+    if args.linear:
+        grid = REG_GRID if args.reg == "cv" else [args.reg]
+        results.append(linear_probe(xtr, ytr, xte, yte, seed=args.seed, grid=grid))
+    elapsed = time.perf_counter() - t0
+    return {
+        "features": name, "data": data_desc, "img_size": size, "feature_dim": int(xtr.shape[1]),
+        "num_classes": int(len(np.unique(ytr))), "chance": float(1.0 / len(np.unique(ytr))),
+        "train_images": int(len(ytr)), "test_images": int(len(yte)), "draws": args.draws, "seed": args.seed,
+        "reg": args.reg, "features_cached": cached,
+        "seconds": {"features": round(t_feat, 1), "total": round(elapsed, 1)},
+        "results": {r.name: r.to_dict() for r in results}, "_results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args = build_parser().parse_args(argv)
+        report = evaluate(args)
+    except (UsageError, DataError, CheckpointError, InteropError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    results = report.pop("_results")
+    print(f"{report['features']} | {report['data']} | {report['img_size']} px, {report['feature_dim']}-d features | "
+          f"chance {100 * report['chance']:.1f}% | {report['seconds']['total']:.0f} s")
+    print(format_results(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

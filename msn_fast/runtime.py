@@ -1,0 +1,164 @@
+"""What the trainer builds before its loop: device, data sources, the (sharded) model, the optimizer, FLOPs.
+
+Kept apart from train.py so the trainer reads top to bottom. Wrapping order follows torchtitan:
+activation checkpointing -> per-block torch.compile -> FSDP2 (per block, then root).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from msn_fast.dataloading import Digits, ImageFolder
+
+from .cli import UsageError
+from .config import Config
+from .distributed import DistInfo, convert_sync_batchnorm, shard_encoder
+from .model import MSN, param_groups
+from .vit import num_params
+
+log = logging.getLogger("msn_fast.train")
+
+# Dense bf16 peak of common GPUs (FLOP/s), for MFU; torchtitan's table.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2.25e15, "L40S": 362e12, "A10": 125e12}
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"run.device={name} but no CUDA device is available")
+        if dev.index is None:
+            dev = torch.device("cuda", info.local_rank)
+    return dev
+
+
+def build_sources(cfg: Config):
+    """(pre-training source, low-shot train source or None, low-shot test source or None)."""
+    if cfg.data.path is None:
+        size = cfg.data.global_size
+        return Digits("train", size), Digits("train", size), Digits("test", size)
+    root = Path(cfg.data.path)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train, test = ImageFolder(root / "train"), ImageFolder(root / "test")
+        return train, (train if train.labelled else None), (test if test.labelled else None)
+    return ImageFolder(root), None, None
+
+
+def tokens_per_image(cfg: Config) -> tuple[int, int, int]:
+    """(target, masked anchor, all focal) tokens per image, CLS included."""
+    v, d = cfg.vit, cfg.data
+    n = (d.global_size // v.patch_size) ** 2
+    anchor = 1 + (n if cfg.mask.ratio == 0 else max(1, math.floor(n * (1 - cfg.mask.ratio))))
+    return 1 + n, anchor, d.num_focal * (1 + (d.focal_size // v.patch_size) ** 2)
+
+
+def step_flops_per_image(cfg: Config) -> float:
+    """Closed-form FLOPs of one training step per image: target forward + student forward and backward (3x).
+
+    Per block and token: 2·(4 + 2·mlp_ratio)·D² for the linears, 4·n·D for attention over n tokens.
+    Patch embedding, head and loss are excluded (a few % at most).
+    """
+    v = cfg.vit
+    linear = 2 * (4 + 2 * v.mlp_ratio) * v.dim**2
+
+    def fwd(n_tokens: int, per_view: int) -> float:
+        return v.depth * n_tokens * (linear + 4 * per_view * v.dim)
+
+    t, a, f = tokens_per_image(cfg)
+    focal_len = f // max(1, cfg.data.num_focal)
+    return fwd(t, t) + 3 * (fwd(a, a) + (fwd(f, focal_len) if f else 0.0))
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def fit_batch_to_cpu_memory(cfg: Config, model: MSN) -> None:
+    """On a CPU, lower the batch if a rough estimate of the step's memory exceeds 70% of the RAM."""
+    v, d = cfg.vit, cfg.data
+    _, anchor, focal = tokens_per_image(cfg)
+    per_image = (anchor + focal) * v.depth * 16 * v.dim * 4  # ~16 saved fp32 activations of width D per token/block
+    fixed = num_params(model) * 4 * 4  # student, target, two AdamW moments
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    fits = int((0.7 * ram - fixed) // per_image)
+    if fits < d.batch_size:
+        new = max(2, fits)
+        log.warning("batch %d needs ~%.1f GiB on this CPU (RAM %.1f GiB): using batch %d instead "
+                    "(set --data.batch_size to choose)", d.batch_size,
+                    (fixed + per_image * d.batch_size) / 2**30, ram / 2**30, new)
+        d.batch_size = new
+
+
+def param_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.dist.param_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if cfg.dist.param_dtype == "bf16" else torch.float32
+
+
+def use_fsdp(cfg: Config, info: DistInfo, device: torch.device) -> bool:
+    if cfg.dist.fsdp == "auto":
+        return info.world > 1 or param_dtype(cfg, device) != torch.float32
+    return cfg.dist.fsdp == "on"
+
+
+def build_model(cfg: Config, device: torch.device, info: DistInfo) -> MSN:
+    """MSN on `device`, identical on every rank (same seed), then AC / compile / FSDP2 as configured."""
+    model = MSN(cfg).to(device)
+    if info.world > 1 or param_dtype(cfg, device) != torch.float32:
+        convert_sync_batchnorm(model.student)
+        convert_sync_batchnorm(model.target)
+    for enc in (model.student, model.target):
+        blocks = enc.trunk.blocks
+        for i, blk in enumerate(blocks):
+            if cfg.dist.activation_checkpointing and enc is model.student:
+                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+                blk = checkpoint_wrapper(blk, preserve_rng_state=False)
+            if cfg.dist.compile:
+                blk.compile()
+            blocks[i] = blk
+    if use_fsdp(cfg, info, device):
+        if not torch.distributed.is_initialized():
+            _init_single_process_group(device)
+        dtype = param_dtype(cfg, device)
+        shard_encoder(model.student, dtype, reshard_root=False)
+        shard_encoder(model.target, dtype, reshard_root=True)
+    elif param_dtype(cfg, device) != torch.float32:
+        raise UsageError("dist.param_dtype=bf16 needs FSDP (dist.fsdp auto or on)")
+    return model
+
+
+def _init_single_process_group(device: torch.device) -> None:
+    """FSDP2 needs a process group; a one-process run (e.g. bf16 on one GPU) gets a private one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def build_optimizer(cfg: Config, model: MSN, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model)
+    o = cfg.optim
+    if cfg.dist.optimizer == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            raise UsageError("dist.optimizer=apex but apex is not installed (pip install the NVIDIA apex build)")
+        if device.type != "cuda" or torch.distributed.is_initialized():
+            raise UsageError("dist.optimizer=apex needs CUDA and no FSDP (apex cannot step DTensor shards)")
+        return FusedAdam(groups, lr=o.start_lr, betas=o.betas, weight_decay=o.weight_decay, adam_w_mode=True)
+    return torch.optim.AdamW(groups, lr=o.start_lr, betas=o.betas, weight_decay=o.weight_decay,
+                             fused=device.type == "cuda")

@@ -1,0 +1,340 @@
+"""Triton attention vs an fp64 eager reference: output and dQ, dK, dV, at odd lengths and head dims.
+
+On a CPU the kernels run in the Triton interpreter (tests/conftest.py); the `gpu` tests repeat the
+checks at MSN's real shapes. fp32 uses the TOL table; fp16/bf16 use the flash-attention rule: the
+kernel's max error vs the reference is at most twice plain torch's same-dtype error plus LOWP_FLOOR.
+"""
+
+import importlib
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, LOWP_FLOOR, TOL
+
+from msn_fast.kernels.attention import SUPPORTED_HEAD_DIMS, attention, attention_bwd, attention_fwd, attention_ref
+
+# In the interpreter, masked-off lanes of a load without `other=` read NaN (undefined on a GPU).
+pytestmark = pytest.mark.usefixtures("poison_masked_loads")
+
+
+@pytest.fixture(autouse=True)
+def _first_config_only(monkeypatch):
+    """On a GPU, skip autotuning (compiling ~18 configs per head dim and dtype would dominate the run);
+    test_every_block_config covers each config and the bench validates the autotuned choice."""
+    monkeypatch.setenv("MSN_FAST_AUTOTUNE", "0")
+
+
+# The package re-exports the function `attention` under the module's own name, so fetch the module.
+attn_mod = importlib.import_module("msn_fast.kernels.attention")
+
+
+def _rand(shape, dtype, mag=1.0):
+    return (torch.randn(shape, device=DEVICE, dtype=torch.float32) * mag).to(dtype)
+
+
+def _grads(fn, q, k, v, do):
+    """Output and (dq, dk, dv) of fn at fresh leaves made from q, k, v."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    return (out, *torch.autograd.grad(out, leaves, do.to(out.dtype)))
+
+
+def _plain_same_dtype(q, k, v, scale=None):
+    """What a user gets from plain torch ops at the input dtype (no fp32 upcast)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    p = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    return p @ v
+
+
+def _max_err(got, ref):
+    return (got.double() - ref.double()).abs().max().item()
+
+
+def _check(names, got, ref, dtype, plain=None):
+    """fp32 (interpreter): allclose at TOL. 16-bit, and fp32 on a GPU (long fp32 sums in another order):
+    err(kernel) <= 2 err(plain torch) + floor. Never anything non-finite."""
+    for name, g, r, *p in zip(names, got, ref, *([plain] if plain is not None else [])):
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} vs {tuple(r.shape)}"
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        if plain is None:
+            atol, rtol = TOL[torch.float32]
+            torch.testing.assert_close(g.double(), r.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        else:
+            floor = TOL[dtype][0] if dtype == torch.float32 else LOWP_FLOOR[dtype]
+            err, bound = _max_err(g, r), 2 * _max_err(p[0], r) + floor
+            assert err <= bound, f"{name}: kernel error {err:.3e} > 2 x torch {dtype} error + floor = {bound:.3e}"
+
+
+def _compare(q, k, v, scale=None, vs_plain=False):
+    """vs_plain: judge fp32 by the flash-attention rule too (ill-conditioned inputs)."""
+    dtype = q.dtype
+    do = _rand((*q.shape[:3], v.shape[-1]), dtype)
+    got = _grads(lambda *t: attention(*t, scale=scale, backend="triton"), q, k, v, do)
+    ref = _grads(lambda *t: attention_ref(*t, scale=scale), q.double(), k.double(), v.double(), do.double())
+    plain = None
+    if dtype != torch.float32 or HAS_CUDA or vs_plain:
+        plain = _grads(lambda *t: _plain_same_dtype(*t, scale=scale), q, k, v, do)
+    assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[1:])
+    _check(("out", "dq", "dk", "dv"), got, ref, dtype, plain)
+
+
+# (B, H, N, D, dtype): every N and head dim, batch/head counts 1-3, not the whole product.
+CASES = [
+    (1, 1, 1, 32, torch.float32),
+    (2, 3, 13, 64, torch.float32),
+    (1, 2, 37, 80, torch.float32),
+    (3, 1, 64, 96, torch.float32),
+    (1, 1, 129, 128, torch.float32),
+    (2, 1, 197, 64, torch.float32),
+    (2, 2, 1, 64, torch.bfloat16),
+    (1, 2, 129, 32, torch.bfloat16),
+    (2, 1, 13, 80, torch.bfloat16),
+    (1, 3, 37, 64, torch.bfloat16),
+    (1, 1, 64, 128, torch.bfloat16),
+    (2, 1, 129, 96, torch.bfloat16),
+    (1, 2, 197, 64, torch.bfloat16),
+    (1, 2, 13, 32, torch.float16),
+    (3, 1, 1, 96, torch.float16),
+    (2, 1, 37, 128, torch.float16),
+    (3, 2, 64, 64, torch.float16),
+    (1, 1, 197, 80, torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,H,N,D,dtype", CASES)
+def test_attention_matches_reference(B, H, N, D, dtype):
+    q, k, v = (_rand((B, H, N, D), dtype) for _ in range(3))
+    _compare(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peaked_softmax_and_custom_scale(dtype):
+    # Logits with std ~40: exp2 underflows for most keys and the running max jumps between key
+    # blocks, so the rescaling is exercised. fp32 itself is ill-conditioned here (an error of
+    # 1 ulp in a logit moves p by ~40 ulp), hence the comparison with plain fp32 torch.
+    q, k, v = _rand((1, 2, 129, 64), dtype, 4.0), _rand((1, 2, 129, 64), dtype, 4.0), _rand((1, 2, 129, 64), dtype)
+    _compare(q, k, v, scale=0.3, vs_plain=True)
+
+
+# inf/NaN arise in the padded dK/dV rows, which are never stored (see _attention_bwd_dkdv_kernel).
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+def test_very_negative_logits_stay_finite():
+    # Every logit ~ -128 (lse ~ -185 in log2 units): a padded key column, if not masked out of P,
+    # would get weight exp2(185) = inf and turn dQ into NaN through inf * 0.
+    x = torch.ones((1, 2, 37, 64), device=DEVICE) + 0.01 * torch.randn((1, 2, 37, 64), device=DEVICE)
+    _compare(-4 * x, 4 * x, _rand((1, 2, 37, 64), torch.float32), vs_plain=True)
+
+
+def test_cross_attention_lengths_differ():
+    q, k, v = (
+        _rand((2, 2, 37, 64), torch.float32),
+        _rand((2, 2, 129, 64), torch.float32),
+        _rand((2, 2, 129, 64), torch.float32),
+    )
+    _compare(q, k, v)
+    q, k, v = (
+        _rand((1, 1, 129, 32), torch.float32),
+        _rand((1, 1, 13, 32), torch.float32),
+        _rand((1, 1, 13, 32), torch.float32),
+    )
+    _compare(q, k, v)
+
+
+@pytest.mark.parametrize("N,D,dtype", [(37, 64, torch.bfloat16), (197, 32, torch.float32), (13, 80, torch.float16)])
+def test_packed_qkv_views_like_a_vit(N, D, dtype):
+    """q, k, v as strided views of one [B, N, 3, H, D] projection, as timm's Attention makes them."""
+    B, H = 2, 3
+    qkv = _rand((B, N, 3, H, D), dtype)
+    do = _rand((B, H, N, D), dtype)
+
+    def run(fn, x):
+        x = x.detach().clone().requires_grad_()
+        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D), non-contiguous
+        out = fn(q, k, v)
+        return out, torch.autograd.grad(out, x, do.to(out.dtype))[0]
+
+    q = qkv.permute(2, 0, 3, 1, 4)[0]
+    assert not q.is_contiguous()
+    got = run(lambda *t: attention(*t, backend="triton"), qkv)
+    ref = run(attention_ref, qkv.double())
+    plain = run(_plain_same_dtype, qkv) if dtype != torch.float32 or HAS_CUDA else None
+    _check(("out", "dqkv"), got, ref, dtype, plain)
+
+
+def test_head_dim_not_unit_stride_and_expanded_grad():
+    # D is the slowest dim in memory; and out.sum() hands the backward an all-zero-stride dO.
+    q, k, v = (_rand((2, 2, 64, 37), torch.float32).transpose(-1, -2) for _ in range(3))
+    assert q.stride(-1) != 1
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(attention(*leaves, backend="triton").sum(), leaves)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(attention_ref(*leaves).sum(), leaves)
+    _check(("dq", "dk", "dv"), got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("N,D,dtype", [(37, 80, torch.float32), (129, 64, torch.bfloat16)])
+def test_poisoned_outputs_are_fully_written_and_nothing_else(N, D, dtype):
+    """NaN-filled, strided output buffers inside wider NaN storage: every element in the view is
+    written, none outside it (the padded head-dim columns and rows past N must stay NaN)."""
+    B, H = 2, 2
+    q, k, v, do = (_rand((B, H, N, D), dtype) for _ in range(4))
+
+    def poisoned():
+        wide = torch.full((B, N + 3, H, D + 16), float("nan"), device=DEVICE, dtype=dtype)
+        return wide, wide[:, :N, :, :D].transpose(1, 2)  # a (B, H, N, D) view with odd strides
+
+    (wo, out), lse = poisoned(), torch.full((B, H, N), float("nan"), device=DEVICE)
+    attention_fwd(q, k, v, out=out, lse=lse)
+    (wq, dq), (wk, dk), (wv, dv) = poisoned(), poisoned(), poisoned()
+    attention_bwd(do, q, k, v, out, lse, dq=dq, dk=dk, dv=dv)
+
+    ref = _grads(attention_ref, q.double(), k.double(), v.double(), do.double())
+    plain = _grads(_plain_same_dtype, q, k, v, do) if dtype != torch.float32 or HAS_CUDA else None
+    _check(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref, dtype, plain)
+    assert torch.isfinite(lse).all()
+    s = q.double() @ k.double().transpose(-2, -1) * D**-0.5
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1) * attn_mod.LOG2E, atol=1e-5, rtol=1e-5)
+    for wide in (wo, wq, wk, wv):
+        outside = torch.ones(wide.shape, dtype=torch.bool, device=DEVICE)
+        outside[:, :N, :, :D] = False
+        assert wide[outside].isnan().all(), "kernel wrote outside its output view"
+
+
+def test_default_output_layout_is_bnhd():
+    q, k, v = (_rand((2, 3, 13, 32), torch.float32) for _ in range(3))
+    out = attention(q, k, v, backend="triton")
+    assert out.transpose(1, 2).is_contiguous()  # so the ViT's (B, N, H*D) reshape is free
+
+
+def test_auto_picks_triton_on_cuda_only_and_falls_back_where_it_cannot(monkeypatch):
+    calls = []
+    real = attn_mod.attention_fwd
+    monkeypatch.setattr(attn_mod, "attention_fwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    expected = [1] if HAS_CUDA else []  # a CPU tensor takes SDPA, even under the interpreter
+    q, k, v = (_rand((1, 2, 13, 64), torch.float32) for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v), attention_ref(q, k, v))
+    assert calls == expected
+    attention(q, k, v, backend="triton")
+    assert calls == expected + [1]
+    for dtype, d in ((torch.float64, 64), (torch.float32, 48)):  # not for the kernel: SDPA instead
+        q, k, v = (_rand((1, 2, 13, d), dtype) for _ in range(3))
+        torch.testing.assert_close(attention(q, k, v), attention_ref(q, k, v))
+    assert calls == expected + [1]
+
+
+def test_errors():
+    q = _rand((1, 2, 13, 64), torch.float32)
+    with pytest.raises(TypeError, match="float64"):
+        attention(q.double(), q.double(), q.double(), backend="triton")
+    for d in (48, 256):
+        x = _rand((1, 2, 13, d), torch.float16)
+        with pytest.raises(ValueError, match=r"head dim .*\(32, 64, 80, 96, 128\)"):
+            attention(x, x, x, backend="triton")
+    with pytest.raises(ValueError, match="mismatched shapes"):
+        attention(q, q[:, :1], q[:, :1], backend="triton")
+    with pytest.raises(ValueError, match="mismatched shapes"):
+        attention(q, q[..., :32], q[..., :32], backend="triton")
+    with pytest.raises(ValueError, match=r"\[B, H, N, D\]"):
+        attention(q[0], q[0], q[0], backend="triton")
+    with pytest.raises(TypeError, match="dtypes differ"):
+        attention(q, q.half(), q.half(), backend="triton")
+    with pytest.raises(ValueError, match="different devices"):
+        attention(q, q.to("meta"), q.to("meta"), backend="triton")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        m = q.to("meta")
+        attention(m, m, m, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        attention(q, q, q, backend="flash")
+    with pytest.raises(ValueError, match="N >= 1"):
+        attention(q, q[:, :, :0], q[:, :, :0], backend="triton")
+    with pytest.raises(ValueError, match="out buffer"):
+        attention_fwd(q, q, q, out=torch.empty(1, 2, 13, 64, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        attention_fwd(q, q, q, lse=torch.empty(1, 13, 2, device=DEVICE).transpose(1, 2))
+    assert SUPPORTED_HEAD_DIMS == (32, 64, 80, 96, 128)
+
+
+@pytest.mark.parametrize("N,D,dtype", [(197, 64, torch.bfloat16), (37, 80, torch.float16)])
+def test_every_block_config(monkeypatch, N, D, dtype):
+    """Each autotune config of the three kernels (the interpreter otherwise runs only the first)."""
+    kernels = (attn_mod._attention_fwd_kernel, attn_mod._attention_bwd_dkdv_kernel, attn_mod._attention_bwd_dq_kernel)
+    for configs in zip(attn_mod.FWD_CONFIGS, attn_mod.DKDV_CONFIGS, attn_mod.DQ_CONFIGS):
+        for kernel, config in zip(kernels, configs):
+            monkeypatch.setattr(kernel, "configs", [config])
+        q, k, v = (_rand((1, 2, N, D), dtype) for _ in range(3))
+        _compare(q, k, v)
+
+
+def test_autotune_pruning(monkeypatch):
+    """The GPU config list (one config in the interpreter, so the pruner is checked directly)."""
+    import triton
+
+    monkeypatch.setenv("MSN_FAST_AUTOTUNE", "1")
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m in (64, 128) for n in (32, 64, 128)]
+    prune = attn_mod._pruner("BLOCK_M", "BLOCK_N")["early_config_prune"]
+    bf16 = torch.empty(1, dtype=torch.bfloat16)
+    short = prune(configs, {"Q": bf16, "N_Q": 37, "N_KV": 37})
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in short} == {(64, 32), (64, 64)}
+    assert prune(configs, {"Q": bf16, "N_Q": 197, "N_KV": 1025}) == configs
+    assert prune(configs, {"Q": torch.empty(1), "N_Q": 197, "N_KV": 197}) == configs[:1]  # fp32: one config
+    monkeypatch.setenv("MSN_FAST_AUTOTUNE", "0")
+    assert prune(configs, {"Q": bf16, "N_Q": 197, "N_KV": 1025}) == configs[:1]
+    assert len(attn_mod.FWD_CONFIGS) == len(attn_mod.DKDV_CONFIGS) == len(attn_mod.DQ_CONFIGS) == 6
+
+
+def test_custom_ops_pass_opcheck():
+    """Fake (meta) shapes, dtypes and strides, schema and autograd registration agree with the kernels."""
+    q, k, v = (_rand((1, 2, 13, 32), torch.float32).requires_grad_() for _ in range(3))
+    torch.library.opcheck(torch.ops.msn_fast.attention_fwd.default, (q, k, v, 0.2))
+    out, lse = torch.ops.msn_fast.attention_fwd(q.detach(), k.detach(), v.detach(), 0.2)
+    do = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.msn_fast.attention_bwd.default, (do, q.detach(), k.detach(), v.detach(), out, lse, 0.2)
+    )
+
+
+def test_torch_compile_fullgraph_with_backward():
+    def loss(q, k, v):
+        return attention(q, k, v, backend="triton").square().sum()
+
+    q, k, v = (_rand((1, 2, 37, 64), torch.float32).requires_grad_() for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # dynamo's note on the functools.cache in _utils
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+# ---- real shapes: CUDA only -------------------------------------------------------------------
+
+GPU_CASES = [  # (B, H, N, D, dtype): MSN's ViT-S/16, B/16 and L/7 views, the batch of a training step
+    (640, 6, 37, 64, torch.bfloat16),
+    (64, 6, 167, 64, torch.bfloat16),
+    (64, 12, 197, 64, torch.bfloat16),
+    (64, 16, 308, 64, torch.bfloat16),
+    (32, 16, 1025, 64, torch.bfloat16),
+    (32, 12, 197, 80, torch.float16),
+    (16, 8, 1025, 96, torch.float16),
+    (32, 8, 170, 128, torch.bfloat16),
+    (8, 6, 197, 64, torch.float32),
+    (4, 4, 1025, 128, torch.float32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,N,D,dtype", GPU_CASES)
+def test_attention_matches_reference_gpu(B, H, N, D, dtype):
+    q, k, v = (_rand((B, H, N, D), dtype) for _ in range(3))
+    _compare(q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [167, 1025])
+def test_packed_qkv_and_poison_gpu(N):
+    test_packed_qkv_views_like_a_vit(N, 64, torch.bfloat16)
+    test_poisoned_outputs_are_fully_written_and_nothing_else(N, 96, torch.bfloat16)
