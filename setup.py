@@ -29,7 +29,8 @@ extras_require = {
     "timm": ["timm>=1.0"],
     "tensorboard": ["tensorboard"],
     "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib"],
-    "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff"],
+    # dev: what the test suite needs (timm for the interop tests); `dali` adds the DALI loader's tests.
+    "dev": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "ruff"],
 }
 
 setup(

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from msn_fast.dataloading import DataError, ViewRecipe, build_loader
+from msn_fast.dataloading import DataError, ViewRecipe, build_dali_loader, build_loader, dali_available
 
 from .checkpoint import CheckpointError, load_checkpoint, resolve, save_checkpoint
 from .cli import UsageError, apply_overrides, help_text
@@ -145,8 +145,12 @@ def train(cfg: Config) -> Path:
     recipe = ViewRecipe(global_size=d.global_size, focal_size=d.focal_size, num_focal=d.num_focal,
                         global_scale=d.global_scale, focal_scale=d.focal_scale, color_jitter=d.color_jitter,
                         blur_prob=d.blur_prob)
-    loader = build_loader(source, recipe, d.batch_size, rank=info.rank, world=info.world, seed=cfg.run.seed,
-                          num_workers=d.num_workers, pin_memory=device.type == "cuda")
+    if d.backend == "dali" and not dali_available():
+        raise UsageError("data.backend=dali but nvidia-dali is not installed (pip install 'msn-fast[dali]')")
+    make_loader = build_dali_loader if d.backend == "dali" else build_loader
+    extra = {"device_id": device.index if device.type == "cuda" else None} if d.backend == "dali" else {}
+    loader = make_loader(source, recipe, d.batch_size, rank=info.rank, world=info.world, seed=cfg.run.seed,
+                         num_workers=d.num_workers, pin_memory=device.type == "cuda", **extra)
     ipe = loader.batches_per_epoch
     total = cfg.optim.epochs * ipe if cfg.run.max_steps <= 0 else min(cfg.run.max_steps, cfg.optim.epochs * ipe)
     sched = Schedules(cfg.optim, cfg.optim.epochs * ipe, ipe)

@@ -114,3 +114,11 @@ def test_cli_help_lists_fields():
                          timeout=120)
     assert out.returncode == 0
     assert "--optim.lr" in out.stdout and "peak lr" in out.stdout and "--data.path" in out.stdout
+
+
+def test_dali_backend_trains(tmp_path):
+    pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed (pip install 'msn-fast[dali]')")
+    out = tmp_path / "run"
+    assert main(TINY + ["--data.backend", "dali", "--run.max_steps", "2", "--run.eval_lowshot", "false",
+                        "--run.out_dir", str(out)]) == 0
+    assert len(_metrics(out)) == 2

@@ -112,3 +112,30 @@ def test_fused_embed_of_masked_view_matches_torch_path(mode):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_attention_in_the_vit_matches_sdpa_training_steps():
+    """Two MSN training steps with the Triton attention kernel (interpreter on CPU) track the SDPA model."""
+    from msn_fast.cli import apply_overrides
+    from msn_fast.model import MSN, param_groups
+    from msn_fast.recipes import get_recipe
+
+    args = ["--vit.dim", "64", "--vit.depth", "1", "--vit.heads", "2", "--vit.img_size", "16", "--head.hidden_dim",
+            "32", "--head.out_dim", "16", "--head.num_prototypes", "16", "--data.global_size", "16",
+            "--data.focal_size", "8", "--data.num_focal", "1"]
+    losses = {}
+    g, f = torch.randn(2, 3, 3, 16, 16), torch.randn(1, 3, 3, 8, 8)
+    for impl in ("torch", "triton"):
+        cfg = apply_overrides(get_recipe("vit_tiny"), args + ["--vit.attn_impl", impl])
+        torch.manual_seed(0)
+        model = MSN(cfg)
+        opt = torch.optim.AdamW(param_groups(model), lr=1e-3)
+        losses[impl] = []
+        for _ in range(2):
+            torch.manual_seed(1)
+            loss, _ = model.loss(g, f)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[impl].append(loss.item())
+    assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-4)
