@@ -28,6 +28,11 @@ Robustness (an epoch never dies because of one file):
   batches are checked one by one (PIL, then a one-image DALI decode), the culprits re-routed or skipped, and the
   pipeline rebuilt and re-run from the failed batch: the output is what it would have been had the file been
   routed that way from the start.
+
+In-memory sources (e.g. Digits) pass decoded HWC pixels through the same graph. With `device_id` set, decoding is
+`mixed` and every op runs on the GPU; brightness/contrast is then written as GPU arithmetic, because an argument
+input (the grey mean) must live on the CPU. The pipeline is built once and reused by the next epoch when an epoch
+ran to its end (rebuilt after a break or a resume). The GPU path has not been run yet (no GPU where it was written).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import io
 import logging
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -273,8 +279,14 @@ class DaliMultiViewLoader:
         self._pipe, self._meta, self._next = None, deque(), first
         self._plan_iter = iter(range(first, len(self._plan)))
 
+        me = weakref.ref(self)  # no loader <-> pipeline cycle: a dropped loader frees its pipeline (and threads) at
+        # once, not at a later garbage collection, which could even run in a forked DataLoader worker and crash it
+
         def source():
-            return self._inputs(next(self._plan_iter))  # StopIteration ends the epoch for DALI
+            loader = me()
+            if loader is None:
+                raise StopIteration
+            return loader._inputs(next(loader._plan_iter))  # StopIteration ends the epoch for DALI
 
         graph = pipeline_def(_graph, enable_conditionals=True)
         self._pipe = graph(self.recipe, self.encoded, self.device_id is not None, source,

@@ -6,6 +6,7 @@ Skipped where nvidia.dali is not installed (`pip install -e .[dali]`), except th
 import ast
 import logging
 import sys
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def test_shapes_dtypes_ranges_views(tmp_path):
         assert x.std() > 0.1  # real content, not a constant
     assert set(b.labels.tolist()) <= {0, 1}
     assert not torch.equal(b.globals[0], b.globals[1])  # target and anchor are different views
+    gone = weakref.ref(loader)
+    del loader  # no reference cycle keeps the pipeline (and its threads) alive until a later gc: see _build
+    assert gone() is None
 
 
 def _pil_view(img: Image.Image, p, size: int) -> np.ndarray:
