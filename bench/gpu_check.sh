@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # GPU check of msn-fast on a fresh CUDA machine: correctness tests, then the benchmarks; results under OUT.
 #
-#   bash bench/gpu_check.sh [OUT] [--only P1,P2] [--skip P1,P2] [--force] [--with-unit] [--allow-cpu]
+#   bash bench/gpu_check.sh [OUT] [--only P1,P2] [--skip P1,P2] [--force] [--with-unit] [--budget S] [--allow-cpu]
 #
 # OUT defaults to bench/results/<UTC date>. Phases, in order (each one command, logged to OUT/logs/P.log):
 #   env             env.json: date, GPU, driver, torch/triton/python versions, git commit, this command
 #   tests           pytest tests -m gpu: the kernel tests at real shapes (and any other gpu-marked test)
 #   unit            (only with --with-unit) pytest tests/kernels -m "not gpu": small-shape kernel tests on the GPU
-#   bench_attention, bench_patch_embed, bench_prototype_loss, bench_dataloader (when present), bench_train_step:
-#                   pytest bench/<file> --benchmark-only --benchmark-json=OUT/bench_<name>.json
+#   bench_train_step, bench_attention, bench_prototype_loss, bench_patch_embed, bench_dataloader (when present):
+#                   pytest bench/test_<name>.py --benchmark-only --benchmark-json=OUT/bench_<name>.json
 #                   (train step: also OUT/train_step_summary.json and OUT/train_step.png)
+# --budget S (default 480): the whole run stops, failing, after S seconds; each phase gets at most its own
+# limit (LIMIT below) and what is left of the budget, so a rerun finishes the phases that were cut.
 # A phase that passed leaves OUT/.done_<phase>; running again with the same OUT skips it (--force reruns
 # everything, --only picks phases). Triton's cache is kept in $TRITON_CACHE_DIR (default
 # ~/.cache/msn_fast/triton), so a rerun does not recompile. Any failing test or benchmark assertion (every
 # benchmark checks correctness before timing) stops the script with a non-zero exit and names the log.
 # Needs: torch with CUDA, triton, pytest, pytest-benchmark (matplotlib optional, for the plot). The package
 # need not be installed: `pip install -e . --no-deps --no-build-isolation` is tried, then a PYTHONPATH tree.
-# Budget: about 8 minutes on an H200 for a first run; each phase also has a hard timeout (below).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,7 +25,7 @@ cd "$REPO"
 START=$(date +%s)
 CMD="bash bench/gpu_check.sh $*"
 
-OUT="" ONLY="" SKIP="" FORCE=0 WITH_UNIT=0 ALLOW_CPU=0
+OUT="" ONLY="" SKIP="" FORCE=0 WITH_UNIT=0 ALLOW_CPU=0 BUDGET=480
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --only) ONLY="$2"; shift 2 ;;
@@ -34,7 +35,9 @@ while [[ $# -gt 0 ]]; do
     --force) FORCE=1; shift ;;
     --with-unit) WITH_UNIT=1; shift ;;
     --allow-cpu) ALLOW_CPU=1; shift ;;
-    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --budget) BUDGET="$2"; shift 2 ;;
+    --budget=*) BUDGET="${1#*=}"; shift ;;
+    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) if [[ -n "$OUT" ]]; then echo "gpu_check: two output folders given: $OUT and $1" >&2; exit 2; fi
        OUT="$1"; shift ;;
@@ -44,6 +47,7 @@ OUT="${OUT:-bench/results/$(date -u +%Y-%m-%d)}"
 mkdir -p "$OUT/logs"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python}"
+PYFLAGS=""
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/msn_fast/triton}"
 export MSN_BENCH_OUT="$OUT" PYTHONDONTWRITEBYTECODE=1
 mkdir -p "$TRITON_CACHE_DIR"
@@ -65,8 +69,9 @@ if ! importable; then
     ln -s "$REPO/kernels" "$TREE/msn_fast/kernels"
     ln -s "$REPO/dataloading" "$TREE/msn_fast/dataloading"
     export PYTHONPATH="$TREE${PYTHONPATH:+:$PYTHONPATH}"
-    # pytest must not put the repo root (with the unmapped msn_fast/) ahead of the tree
-    export PYTEST_ADDOPTS="--import-mode=append ${PYTEST_ADDOPTS:-}"
+    # neither python -m (-P: no cwd on sys.path) nor pytest (append mode) may put the repo root, with its
+    # unmapped msn_fast/, ahead of the tree
+    export PYTEST_ADDOPTS="--import-mode=append ${PYTEST_ADDOPTS:-}" PYFLAGS="-P"
     importable || die "cannot import msn_fast (pip install failed, see $OUT/logs/install.log; PYTHONPATH tree failed)"
     echo "gpu_check: using PYTHONPATH tree $TREE"
   fi
@@ -80,7 +85,7 @@ fi
 # --- phases ------------------------------------------------------------------------------------------------
 PHASES=(env tests)
 [[ "$WITH_UNIT" == 1 ]] && PHASES+=(unit)
-for b in attention patch_embed prototype_loss dataloader train_step; do
+for b in train_step attention prototype_loss patch_embed dataloader; do
   [[ -f "bench/test_$b.py" ]] && PHASES+=("bench_$b")
 done
 declare -A LIMIT=([env]=60 [tests]=150 [unit]=150 [bench_attention]=120 [bench_patch_embed]=60
@@ -142,12 +147,12 @@ EOF
 phase_cmd() {
   case "$1" in
     env) write_env ;;
-    tests) "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" ;;
-    unit) "$PY" -m pytest tests/kernels -m "not gpu" -q -p no:cacheprovider --junitxml="$OUT/tests_unit.xml" ;;
+    tests) "$PY" $PYFLAGS -m pytest tests -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" ;;
+    unit) "$PY" $PYFLAGS -m pytest tests/kernels -m "not gpu" -q -p no:cacheprovider --junitxml="$OUT/tests_unit.xml" ;;
     bench_*)
       "$PY" -c "import pytest_benchmark" 2>/dev/null || { echo "pytest-benchmark is not installed"; return 3; }
       local name="${1#bench_}"
-      "$PY" -m pytest "bench/test_$name.py" --benchmark-only -q -p no:cacheprovider \
+      "$PY" $PYFLAGS -m pytest "bench/test_$name.py" --benchmark-only -q -p no:cacheprovider \
         --benchmark-json="$OUT/bench_$name.json" ;;
   esac
 }
@@ -157,18 +162,22 @@ for p in "${PHASES[@]}"; do
   if [[ -f "$OUT/.done_$p" && "$FORCE" != 1 && -z "$ONLY" ]]; then
     echo "gpu_check: $p passed before ($OUT/.done_$p): skipped (--force to rerun)"; STATUS[$p]=passed-before; continue
   fi
-  echo "=== gpu_check: $p (limit ${LIMIT[$p]}s, ${SECONDS:-0}s in) ==="
+  left=$(( BUDGET - $(elapsed) ))
+  limit=$(( ${LIMIT[$p]} < left ? ${LIMIT[$p]} : left ))
+  (( limit >= 20 )) || die "the ${BUDGET}s budget is spent before $p; rerun with the same OUT to finish" \
+    "(passed phases are skipped)"
+  echo "=== gpu_check: $p (limit ${limit}s, $(elapsed)s in) ==="
   t0=$(date +%s)
   set +e
-  ( set -o pipefail; export -f phase_cmd write_env; export PY OUT CMD
-    timeout -k 10 "${LIMIT[$p]}" bash -c "phase_cmd $p" 2>&1 | tee "$OUT/logs/$p.log" )
+  ( set -o pipefail; export -f phase_cmd write_env; export PY PYFLAGS OUT CMD
+    timeout -k 10 "$limit" bash -c "phase_cmd $p" 2>&1 | tee "$OUT/logs/$p.log" )
   rc=$?
   set -e
   SECONDS_TAKEN[$p]=$(( $(date +%s) - t0 ))
   if [[ $rc -ne 0 ]]; then
     STATUS[$p]="failed:$rc"
-    [[ $rc -eq 124 ]] && die "$p ran past its ${LIMIT[$p]}s limit; log: $OUT/logs/$p.log"
-    die "$p exited with $rc (a failing test or correctness check); log: $OUT/logs/$p.log"
+    [[ $rc -eq 124 || $rc -eq 137 ]] && die "$p ran past its ${limit}s limit; log: $OUT/logs/$p.log"
+    die "$p exited with $rc (a failing test, a correctness check or an error); log: $OUT/logs/$p.log"
   fi
   STATUS[$p]=passed
   touch "$OUT/.done_$p"

@@ -2,8 +2,9 @@
 
 - `SavedBytes`: counts what autograd keeps for the backward (saved_tensors_hooks), one count per storage,
   parameters excluded; blocks under activation checkpointing report their kept input explicitly.
-- `count_flops`: torch.utils.flop_counter.FlopCounterMode plus formulas for the attention ops it does not
-  know (CPU flash SDPA, msn_fast::attention_fwd/bwd), so attention FLOPs are counted on every path.
+- `flop_counter`: torch.utils.flop_counter.FlopCounterMode plus formulas for the attention ops it does not
+  know (CPU flash SDPA, msn_fast::attention_fwd/bwd), so attention FLOPs count the same on every path
+  (torch's SDPA convention: backward = 2.5 x forward, the recomputed scores included, as flash kernels do).
 - `step_costs`: FLOPs and saved bytes per image of the real step (target fwd, anchor + focal fwd/bwd, loss)
   on fake tensors: no memory is allocated, so ViT-L/7 is measured on a laptop. bf16 parameters, as FSDP2's
   `param_dtype` gives (autocast would also save its bf16 weight copies: trainer_data_notes.md section 5).
@@ -120,7 +121,7 @@ class StepCosts:
     mask_ratio: float
     depth: int
     tokens: dict  # per image: target, anchor, focal (CLS included)
-    flops_per_image: float  # target fwd + student fwd and bwd + loss (model FLOPs: no recompute)
+    flops_per_image: float  # target fwd + student fwd and bwd + loss (no activation-checkpointing recompute)
     saved_bytes_per_image: float  # saved for backward, no activation checkpointing
     saved_bytes_per_image_ac: float | None  # with every student block checkpointed (its input kept)
     block_saved_bytes_per_image: float  # what one block saves (recomputed into memory under AC)
@@ -185,12 +186,17 @@ def _fake_run(cfg, ratio: float, depth: int, batch: int, checkpointing: bool, ba
 
 def _params(model, block) -> dict:
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"student": n(model.student), "target": n(model.target), "block": n(block),
-            "prototypes": model.prototypes.numel()}
+    return {
+        "student": n(model.student),
+        "target": n(model.target),
+        "block": n(block),
+        "prototypes": model.prototypes.numel(),
+    }
 
 
-def step_costs(cfg, ratio: float, *, batch: int = 2, dtype=torch.bfloat16, with_ac: bool = True,
-               exact: bool = False) -> StepCosts:
+def step_costs(
+    cfg, ratio: float, *, batch: int = 2, dtype=torch.bfloat16, with_ac: bool = True, exact: bool = False
+) -> StepCosts:
     """FLOPs and bytes saved for backward per image for `cfg`'s model at mask `ratio`, on fake tensors.
 
     Blocks are identical, so every cost is a + depth·b: measured at depths 1 and 2 and extrapolated.
@@ -247,16 +253,30 @@ def memory_terms(costs: StepCosts, *, world: int, checkpointing: bool) -> tuple[
     return fixed, act + (2 if checkpointing else 1) * c.block_saved_bytes_per_image
 
 
-def max_batch_per_gpu(costs: StepCosts, *, world: int = 8, gpu_bytes: float = H200_BYTES, checkpointing: bool,
-                      headroom: float = 0.10, reserved: float = 3 * GIB) -> dict:
+def max_batch_per_gpu(
+    costs: StepCosts,
+    *,
+    world: int = 8,
+    gpu_bytes: float = H200_BYTES,
+    checkpointing: bool,
+    headroom: float = 0.10,
+    reserved: float = 3 * GIB,
+) -> dict:
     """Largest per-GPU batch that fits (`memory_terms`), leaving `headroom` of the memory to the allocator's
     fragmentation and `reserved` bytes to the CUDA context, NCCL and cuBLAS workspaces."""
     fixed, per_image = memory_terms(costs, world=world, checkpointing=checkpointing)
     usable = gpu_bytes * (1 - headroom) - reserved
     fits = max(0, int((usable - fixed) // per_image))
-    return {"world": world, "gpu_bytes": gpu_bytes, "checkpointing": checkpointing, "fixed_bytes": fixed,
-            "per_image_bytes": per_image, "usable_bytes": usable, "max_batch_per_gpu": fits,
-            "max_global_batch": fits * world}
+    return {
+        "world": world,
+        "gpu_bytes": gpu_bytes,
+        "checkpointing": checkpointing,
+        "fixed_bytes": fixed,
+        "per_image_bytes": per_image,
+        "usable_bytes": usable,
+        "max_batch_per_gpu": fits,
+        "max_global_batch": fits * world,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ GPU peak

@@ -41,9 +41,12 @@ def environment() -> dict:
 def write_train_step_results(records: dict, out: Path, paper: dict) -> list[Path]:
     """Write <out>/train_step_summary.json and, when matplotlib is installed, <out>/train_step.png."""
     out = Path(out)
-    summary = {"environment": environment(), "paper_table10": {str(k): v for k, v in paper.items()},
-               "train_step": records.get("train_step", []),
-               "memory_estimate_vit_l7": (records.get("memory_estimate_vit_l7") or [None])[-1]}
+    summary = {
+        "environment": environment(),
+        "paper_table10": {str(k): v for k, v in paper.items()},
+        "train_step": records.get("train_step", []),
+        "memory_estimate_vit_l7": (records.get("memory_estimate_vit_l7") or [None])[-1],
+    }
     path = out / SUMMARY
     path.write_text(json.dumps(summary, indent=2, default=str))
     written = [path]
@@ -88,21 +91,32 @@ def plot_summary(summary: dict, png: Path) -> Path | None:
         base = rows[0][key] if rows[0]["mask_ratio"] == 0.0 else None
         if base:
             what = "peak allocated" if key == "peak_allocated_bytes" else "saved for backward"
-            ax_m.plot(xs, [r[key] / base for r in rows], "o-", color=color,
-                      label=f"{case} {what} ({base / 2**30:.2f} GiB unmasked)")
+            ax_m.plot(
+                xs,
+                [r[key] / base for r in rows],
+                "o-",
+                color=color,
+                label=f"{case} {what} ({base / 2**30:.2f} GiB unmasked)",
+            )
     mem = summary.get("memory_estimate_vit_l7")
     if mem:
         c0, c7 = mem["costs"]["0.0"], mem["costs"]["0.7"]
-        ax_m.plot([0.0, 0.7], [1.0, c7["saved_bytes_per_image"] / c0["saved_bytes_per_image"]], "^:", color="gray",
-                  label=f"real L/7 saved/img, fake tensors ({c0['saved_bytes_per_image'] / 2**30:.2f} GiB unmasked)")
+        ax_m.plot(
+            [0.0, 0.7],
+            [1.0, c7["saved_bytes_per_image"] / c0["saved_bytes_per_image"]],
+            "^:",
+            color="gray",
+            label=f"real L/7 saved/img, fake tensors ({c0['saved_bytes_per_image'] / 2**30:.2f} GiB unmasked)",
+        )
     env = summary["environment"]
     ax_t.set(xlabel="mask ratio (anchor view)", ylabel="images/s relative to mask 0", title="throughput")
     ax_m.set(xlabel="mask ratio (anchor view)", ylabel="memory relative to mask 0", title="memory")
     for ax in (ax_t, ax_m):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"MSN training step, masked vs unmasked: {env['device']}, torch {env['torch']}, {env['date']}",
-                 fontsize=9)
+    fig.suptitle(
+        f"MSN training step, masked vs unmasked: {env['device']}, torch {env['torch']}, {env['date']}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)

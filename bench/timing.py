@@ -60,18 +60,31 @@ class Timer:
     def pedantic_ab(self, benchmark, fn_a: Callable[[], object], fn_b: Callable[[], object], rounds: int) -> dict:
         """pytest-benchmark times B; A runs (and is timed here) just before each round, so A and B alternate
         and see the same machine load. ratio = median(A) / median(B); ratio_pairs = the median of the
-        per-round ratios of neighbouring runs (robust to slow drifts in load). Both are reported."""
+        per-round ratios of neighbouring runs (robust to slow drifts in load); ratio_min = min(A) / min(B)
+        (on a shared machine noise only adds time, so the fastest runs are the least disturbed)."""
         if getattr(benchmark, "_timer", self.clock) is not self.clock:
             raise ValueError(f"pedantic_ab: pytest-benchmark's timer is not this Timer's {self.clock_name} clock")
         a: list[tuple[float, float]] = []
-        benchmark.pedantic(lambda: (fn_b(), sync()), setup=lambda: a.append(self.once(fn_a)), rounds=rounds,
-                           warmup_rounds=0, iterations=1)
+        benchmark.pedantic(
+            lambda: (fn_b(), sync()),
+            setup=lambda: a.append(self.once(fn_a)),
+            rounds=rounds,
+            warmup_rounds=0,
+            iterations=1,
+        )
         b = list(benchmark.stats.stats.data)
         ta = [t for t, _ in a]
         ma, mb = statistics.median(ta), statistics.median(b)
-        return {"a_median_s": ma, "b_median_s": mb, "ratio": ma / mb, "rounds": rounds,
-                "ratio_pairs": statistics.median(x / y for x, y in zip(ta, b)),
-                "a_wall_median_s": statistics.median(w for _, w in a), "clock": self.clock_name}
+        return {
+            "a_median_s": ma,
+            "b_median_s": mb,
+            "ratio": ma / mb,
+            "rounds": rounds,
+            "ratio_pairs": statistics.median(x / y for x, y in zip(ta, b)),
+            "ratio_min": min(ta) / min(b),
+            "a_wall_median_s": statistics.median(w for _, w in a),
+            "clock": self.clock_name,
+        }
 
     def paired(self, fn_a: Callable[[], object], fn_b: Callable[[], object], rounds: int, warmup: int = 1) -> dict:
         """Interleaved A/B timing without pytest-benchmark, in ABBA order: ratio = median(A) / median(B), and
@@ -85,5 +98,11 @@ class Timer:
             for fn, acc in (first, second):
                 acc.append(self.once(fn)[0])
         ma, mb = statistics.median(ta), statistics.median(tb)
-        return {"a_median_s": ma, "b_median_s": mb, "ratio": ma / mb, "rounds": rounds,
-                "ratio_pairs": statistics.median(a / b for a, b in zip(ta, tb)), "clock": self.clock_name}
+        return {
+            "a_median_s": ma,
+            "b_median_s": mb,
+            "ratio": ma / mb,
+            "rounds": rounds,
+            "ratio_pairs": statistics.median(a / b for a, b in zip(ta, tb)),
+            "clock": self.clock_name,
+        }
