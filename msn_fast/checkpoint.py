@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,10 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer=None) -> dict:
             model.load_state_dict(state["model"])
     except CheckpointError:
         raise
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {step_dir} could not be loaded (corrupt or from another model?): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CheckpointError(f"checkpoint {step_dir} could not be loaded (corrupt, truncated or from another "
+                              f"model?): {(lines[-1] if lines else type(e).__name__)[:300]}") from e
     finally:
         ctx.__exit__(None, None, None)
     rng_file = step_dir / f"rng_{_rank()}.pt"

@@ -145,3 +145,20 @@ def test_nan_losses_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch, 
     assert [r["step"] for r in recs] == [1, 3, 4]
     assert recs[-1]["skipped_steps"] == 1
     assert load_meta(out)["step"] == 3  # the last checkpoint before the bad streak is intact
+
+
+def test_corrupted_checkpoint_shard_is_a_clear_error(tmp_path, capsys):
+    from msn_fast.train import main
+
+    out = tmp_path / "run"
+    args = TINY + ["--data.batch_size", "8", "--run.max_steps", "2", "--run.out_dir", str(out)]
+    assert main(args) == 0
+    step_dir = out / "checkpoints" / "step_0000002"
+    shard = next(step_dir.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # truncated, as by a full disk
+    capsys.readouterr()
+    assert main(args + ["--run.resume", "true", "--run.max_steps", "3"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("error: checkpoint ") and "could not be loaded" in errors[0], errors
