@@ -10,6 +10,7 @@ about by name, so a bad file never stops a run or changes the batch size.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -99,6 +100,12 @@ class ShardedSampler(Sampler[int]):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Workers ignore Ctrl-C (a terminal sends it to the whole process group): the main process decides when to
+    stop, finishes its step and saves a checkpoint, which needs the workers alive until then."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class MultiViewLoader:
     """Iterable of MultiViewBatch for one process; `set_position(epoch, batch)` before each epoch."""
 
@@ -110,7 +117,7 @@ class MultiViewLoader:
         # would shift the masks sampled by the trainer and break exact resume.
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
                                  collate_fn=collate, drop_last=True, pin_memory=pin_memory,
-                                 generator=torch.Generator().manual_seed(seed))
+                                 generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_sigint)
 
     @property
     def batches_per_epoch(self) -> int:

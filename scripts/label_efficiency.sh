@@ -7,7 +7,8 @@
 #
 # DATA_ROOT defaults to ../shared/data (cifar10/ and caltech101/ as in its README). Budgets:
 # PRETRAIN_MINUTES (wall clock per pre-training, default 15; the run is stopped with SIGINT, which
-# saves its checkpoint) and MAX_STEPS (default 400). NICE (default 10) runs everything niced.
+# saves its checkpoint; --foreground so that only the trainer, not its loader workers, gets the
+# signal) and MAX_STEPS (default 400). NICE (default 10) runs everything niced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data}
@@ -28,10 +29,10 @@ MODEL=(--model vit_tiny --vit.dim 128 --vit.heads 4 --vit.patch_size 8 --data.fo
 
 pretrain() {  # pretrain NAME DATA_DIR [EXTRA ARGS]
   local name=$1 data=$2 out="$WORK/$1"; shift 2
-  if [ -f "$out/checkpoints/latest" ]; then echo "== $1: checkpoint exists, not re-training"; return; fi
+  if [ -f "$out/checkpoints/latest" ]; then echo "== $name: checkpoint exists, not re-training"; return; fi
   echo "== pre-training $name on $data (${PRETRAIN_MINUTES} min wall clock at most)"
   /usr/bin/time -f "$name pre-training: %e s wall, %U s user, %S s sys" \
-    timeout -s INT "$((PRETRAIN_MINUTES * 60))" nice -n "$NICE" \
+    timeout --foreground -s INT "$((PRETRAIN_MINUTES * 60))" nice -n "$NICE" \
     python -m msn_fast.train "${MODEL[@]}" --data.path "$data" --run.out_dir "$out" "$@" || true
   test -f "$out/checkpoints/latest"
 }
@@ -66,7 +67,7 @@ ev "$CIFAR" cifar_raw --raw-pixels --img-size 32 --fractions 0.01 --knn-k 0
 ev "$CIFAR" cifar_random --random-init --checkpoint "$WORK/cifar_msn" --fractions 0.01
 ev "$CIFAR" cifar_msn --checkpoint "$WORK/cifar_msn" --fractions 0.01
 ev "$CALTECH" caltech_raw --raw-pixels --img-size 32 --fractions 0.1
-ev "$CALTECH" caltech_random --random-init --checkpoint "$WORK/cifar_msn" --fractions 0.1
+ev "$CALTECH" caltech_random --random-init --checkpoint "$WORK/caltech_msn" --fractions 0.1
 ev "$CALTECH" caltech_cifar_msn --checkpoint "$WORK/cifar_msn" --fractions 0.1
 ev "$CALTECH" caltech_caltech_msn --checkpoint "$WORK/caltech_msn" --fractions 0.1
 

@@ -162,3 +162,22 @@ def test_corrupted_checkpoint_shard_is_a_clear_error(tmp_path, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err, err
     assert errors[0].startswith("error: checkpoint ") and "could not be loaded" in errors[0], errors
+
+
+def test_ctrl_c_to_the_process_group_with_loader_workers_saves(tmp_path):
+    """A terminal's Ctrl-C reaches the DataLoader workers too; they ignore it, so the run finishes its step and saves."""
+    out = tmp_path / "run"
+    args = TINY + ["--data.batch_size", "8", "--data.num_workers", "1", "--optim.epochs", "50", "--run.out_dir",
+                   str(out)]
+    p = subprocess.Popen([sys.executable, "-m", "msn_fast.train", *args], stderr=subprocess.PIPE, text=True, env=ENV,
+                         start_new_session=True)
+    lines = []
+    for line in p.stderr:
+        lines.append(line)
+        if "step 2/" in line:
+            os.killpg(p.pid, signal.SIGINT)
+            break
+    rest = p.communicate(timeout=300)[1]
+    assert p.returncode == 130, "".join(lines) + rest
+    assert "stopped by SIGINT" in rest and "Traceback" not in rest, rest
+    assert load_meta(out)["step"] >= 2
