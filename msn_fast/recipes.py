@@ -29,7 +29,7 @@ def _official(name: str, mask_ratio: float, epochs: int, batch_size: int = 64, a
 
 
 def vit_tiny() -> Config:
-    """CPU demo on the embedded digits (8x8 scans upsampled to 32 px): 160 steps of a 0.8M-parameter ViT.
+    """CPU demo on the embedded digits (8x8 scans upsampled to 32 px): 320 steps of a 0.8M-parameter ViT.
 
     Milder crops than the official ones (a 16 px focal crop of 5% of a digit shows nothing) and no blur
     (the digits are already blurry); the paper's best ViT-S loss setting (no Sinkhorn, ME-MAX λ 5).
@@ -42,7 +42,7 @@ def vit_tiny() -> Config:
         data=DataConfig(batch_size=32, num_workers=1, global_size=32, focal_size=16, num_focal=4,
                         global_scale=(0.5, 1.0), focal_scale=(0.25, 0.6), blur_prob=0.0),
         loss=LossConfig(sinkhorn_iters=0, me_max_weight=5.0),
-        optim=OptimConfig(epochs=4, warmup_epochs=1, start_lr=2e-4, lr=1e-3, horizon_scale=1.0, ema_start=0.99),
+        optim=OptimConfig(epochs=8, warmup_epochs=1, start_lr=2e-4, lr=1e-3, horizon_scale=1.0, ema_start=0.99),
         run=RunConfig(out_dir="runs/vit_tiny", log_every=10, checkpoint_every=200, eval_draws=5),
     )
 
