@@ -29,20 +29,24 @@ def _official(name: str, mask_ratio: float, epochs: int, batch_size: int = 64, a
 
 
 def vit_tiny() -> Config:
-    """CPU demo on the embedded digits (8x8 scans upsampled to 32 px): 320 steps of a 0.8M-parameter ViT.
+    """CPU demo on the embedded digits (8x8 scans upsampled to 32 px): 480 steps of a 0.5M-parameter ViT.
 
-    Milder crops than the official ones (a 16 px focal crop of 5% of a digit shows nothing) and no blur
-    (the digits are already blurry); the paper's best ViT-S loss setting (no Sinkhorn, ME-MAX λ 5).
+    Milder crops than the official ones (a 16 px focal crop of 5% of a digit shows nothing), no blur
+    (the digits are already blurry), MLP ratio 2 (22% less compute, same accuracy), the released
+    config's loss (Sinkhorn on, ME-MAX λ 1) over 16 prototypes, and a short-run EMA (0.9 -> 1) and lr
+    (2e-3). Measured on 2 CPU cores (README, "Measured"): with EMA 0.99 -> 1 the target lags a run
+    this short, and with Sinkhorn off the targets collapse onto 1-4 prototypes; lr 3e-3 or no colour
+    jitter leave the encoder level with random weights.
     """
     return Config(
         model="vit_tiny",
-        vit=ViTConfig(dim=128, depth=4, heads=4, patch_size=4, img_size=32),
-        head=HeadConfig(hidden_dim=512, out_dim=128, num_prototypes=64),
+        vit=ViTConfig(dim=128, depth=4, heads=4, patch_size=4, img_size=32, mlp_ratio=2.0),
+        head=HeadConfig(hidden_dim=512, out_dim=128, num_prototypes=16),
         mask=MaskConfig(ratio=0.3),
         data=DataConfig(batch_size=32, num_workers=1, global_size=32, focal_size=16, num_focal=4,
                         global_scale=(0.5, 1.0), focal_scale=(0.25, 0.6), blur_prob=0.0),
-        loss=LossConfig(sinkhorn_iters=0, me_max_weight=5.0),
-        optim=OptimConfig(epochs=8, warmup_epochs=1, start_lr=2e-4, lr=1e-3, horizon_scale=1.0, ema_start=0.99),
+        loss=LossConfig(sinkhorn_iters=3, me_max_weight=1.0),
+        optim=OptimConfig(epochs=12, warmup_epochs=1, start_lr=2e-4, lr=2e-3, horizon_scale=1.0, ema_start=0.9),
         run=RunConfig(out_dir="runs/vit_tiny", log_every=10, checkpoint_every=200, eval_draws=5),
     )
 

@@ -34,6 +34,7 @@ from .runtime import (
     build_model,
     build_optimizer,
     build_sources,
+    cpu_training_threads,
     fit_batch_to_cpu_memory,
     gpu_peak_flops,
     resolve_device,
@@ -139,9 +140,15 @@ def train(cfg: Config) -> Path:
     log.info("model %s: %.1fM trunk parameters (%.1fM with head), %d prototypes; %d process(es) on %s",
              cfg.model, num_params(model.student.trunk) / 1e6, num_params(model.student) / 1e6,
              cfg.head.num_prototypes, info.world, device)
+    d = cfg.data
+    threads_before = torch.get_num_threads()
     if device.type == "cpu":
         fit_batch_to_cpu_memory(cfg, model)
-    d = cfg.data
+        threads = cpu_training_threads(d.num_workers)
+        if threads is not None and threads != threads_before:
+            log.info("%d torch thread(s) for training, leaving cores to %d loader worker(s) (OMP_NUM_THREADS "
+                     "overrides)", threads, d.num_workers)
+            torch.set_num_threads(threads)
     recipe = ViewRecipe(global_size=d.global_size, focal_size=d.focal_size, num_focal=d.num_focal,
                         global_scale=d.global_scale, focal_scale=d.focal_scale, color_jitter=d.color_jitter,
                         blur_prob=d.blur_prob)
@@ -228,6 +235,7 @@ def train(cfg: Config) -> Path:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        torch.set_num_threads(threads_before)  # the loader is done: evaluation gets every core
     logger.close()
     save()
     log.info("training done: %d steps; %d unreadable images skipped; %d non-finite steps skipped", step - step0,

@@ -39,8 +39,11 @@ def test_two_process_fsdp_bf16_matches_one_process_and_reshards(tmp_path):
 
     Mask ratio 0 so both runs see identical inputs (masks are drawn per process). Then the 2-rank checkpoint
     resumes in 1 process."""
+    # The official EMA start (0.996). With the demo recipe's 0.9 the target takes 25x more of each student
+    # step, and its sharpened softmax (T 0.025) amplifies the bf16 rounding differences of the first Adam
+    # steps: the losses then differ by 2.4% already at step 2 (measured), which is not what this test checks.
     common = TINY + ["--mask.ratio", "0", "--dist.param_dtype", "bf16", "--optim.epochs", "1",
-                     "--run.max_steps", "4", "--loss.sinkhorn_iters", "3"]
+                     "--run.max_steps", "4", "--loss.sinkhorn_iters", "3", "--optim.ema_start", "0.996"]
     two, one = tmp_path / "two", tmp_path / "one"
     r2 = _run(common + ["--data.batch_size", "8", "--run.out_dir", str(two)], nproc=2)
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -48,7 +51,7 @@ def test_two_process_fsdp_bf16_matches_one_process_and_reshards(tmp_path):
     assert r1.returncode == 0, r1.stderr[-3000:]
     a, b = _losses(two), _losses(one)
     assert len(a) == len(b) == 4
-    np.testing.assert_allclose(a, b, rtol=2e-2)
+    np.testing.assert_allclose(a, b, rtol=2e-2, err_msg=f"2 processes {a} vs 1 process {b}")
     assert abs(a[-1] - a[0]) > 1e-3  # the runs actually trained
     # the checkpoint written by 2 ranks loads in 1 process and training continues
     r = _run(common + ["--data.batch_size", "16", "--run.out_dir", str(two), "--run.resume", "true",
@@ -165,7 +168,7 @@ def test_corrupted_checkpoint_shard_is_a_clear_error(tmp_path, capsys):
 
 
 def test_ctrl_c_to_the_process_group_with_loader_workers_saves(tmp_path):
-    """A terminal's Ctrl-C reaches the DataLoader workers too; they ignore it, so the run finishes its step and saves."""
+    """A terminal's Ctrl-C reaches the DataLoader workers too; they ignore it, so the step finishes and is saved."""
     out = tmp_path / "run"
     args = TINY + ["--data.batch_size", "8", "--data.num_workers", "1", "--optim.epochs", "50", "--run.out_dir",
                    str(out)]

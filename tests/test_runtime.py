@@ -1,4 +1,4 @@
-"""Runtime options of the trainer: activation checkpointing, compile, FLOP counts, batch fitting."""
+"""Runtime options of the trainer: activation checkpointing, compile, FLOP counts, batch fitting, CPU threads."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from msn_fast.cli import apply_overrides
 from msn_fast.distributed import DistInfo
 from msn_fast.recipes import get_recipe
-from msn_fast.runtime import build_model, step_flops_per_image, tokens_per_image
+from msn_fast.runtime import build_model, cpu_training_threads, step_flops_per_image, tokens_per_image
 
 TINY = ["--vit.dim", "32", "--vit.depth", "3", "--vit.heads", "2", "--head.hidden_dim", "64", "--head.out_dim",
         "32", "--head.num_prototypes", "32", "--data.global_size", "16", "--data.focal_size", "8",
@@ -97,3 +97,16 @@ def test_closed_form_flops_match_flop_counter():
 def test_official_l7_token_budget():
     t, a, f = tokens_per_image(get_recipe("vit_l7"))
     assert (t, a, f) == (1025, 308, 10 * 170)
+
+
+def test_cpu_training_threads_leave_cores_to_loader_workers(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert cpu_training_threads(0) == 8
+    assert cpu_training_threads(3) == 5
+    assert cpu_training_threads(20) == 1  # never fewer than one
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine share its cores
+    assert cpu_training_threads(1) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")  # the user's choice is left alone
+    assert cpu_training_threads(1) is None
