@@ -99,7 +99,19 @@ def fit_batch_to_cpu_memory(cfg: Config, model: MSN) -> None:
         d.batch_size = new
 
 
-def cpu_training_threads(num_workers: int) -> int | None:
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's --cpus)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def cpu_training_threads(num_workers: int, cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
     """Intra-op threads for a CPU run: this process's share of the usable cores minus the loader workers (>= 1).
 
     torch's default (every core) makes its GEMM threads wait on cores the loader workers hold: on 2 cores
@@ -108,8 +120,7 @@ def cpu_training_threads(num_workers: int) -> int | None:
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_process = usable_cores(cpu_max) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, per_process - num_workers)
 
 

@@ -7,7 +7,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from msn_fast.cli import apply_overrides
 from msn_fast.distributed import DistInfo
 from msn_fast.recipes import get_recipe
-from msn_fast.runtime import build_model, cpu_training_threads, step_flops_per_image, tokens_per_image
+from msn_fast.runtime import (
+    build_model,
+    cpu_training_threads,
+    step_flops_per_image,
+    tokens_per_image,
+    usable_cores,
+)
 
 TINY = ["--vit.dim", "32", "--vit.depth", "3", "--vit.heads", "2", "--head.hidden_dim", "64", "--head.out_dim",
         "32", "--head.num_prototypes", "32", "--data.global_size", "16", "--data.focal_size", "8",
@@ -99,14 +105,20 @@ def test_official_l7_token_budget():
     assert (t, a, f) == (1025, 308, 10 * 170)
 
 
-def test_cpu_training_threads_leave_cores_to_loader_workers(monkeypatch):
+def test_cpu_training_threads_leave_cores_to_loader_workers(monkeypatch, tmp_path):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    assert cpu_training_threads(0) == 8
-    assert cpu_training_threads(3) == 5
-    assert cpu_training_threads(20) == 1  # never fewer than one
+    no_quota = tmp_path / "absent"
+    assert cpu_training_threads(0, no_quota) == 8
+    assert cpu_training_threads(3, no_quota) == 5
+    assert cpu_training_threads(20, no_quota) == 1  # never fewer than one
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")  # cgroup v2, no limit
+    assert cpu_training_threads(1, quota) == 7
+    quota.write_text("250000 100000\n")  # a container limited to 2.5 CPUs
+    assert usable_cores(quota) == 3 and cpu_training_threads(1, quota) == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine share its cores
-    assert cpu_training_threads(1) == 3
+    assert cpu_training_threads(1, no_quota) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "6")  # the user's choice is left alone
-    assert cpu_training_threads(1) is None
+    assert cpu_training_threads(1, no_quota) is None
