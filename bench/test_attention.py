@@ -13,9 +13,9 @@ import importlib.util
 import pytest
 import torch
 
+from bench.timing import HAS_CUDA, sync
 from msn_fast.kernels.attention import attention, attention_ref
 
-HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 GPU_TOKENS = 128 * 1024  # batch = GPU_TOKENS // N: a training step's worth of views on an H200
@@ -33,11 +33,6 @@ CASES = [
     for n in lengths
 ]
 PROVIDER_BACKEND = {"sdpa": "torch", "triton": "triton", "xformers": "xformers"}
-
-
-def _sync():
-    if HAS_CUDA:
-        torch.cuda.synchronize()
 
 
 def _inputs(B, H, N, D):
@@ -62,11 +57,11 @@ def _check_once(backend, q, k, v, do, mode):
 
 def _target(backend, q, k, v, do, mode):
     if mode == "fwd":
-        return lambda: (attention(q, k, v, backend=backend), _sync())
+        return lambda: (attention(q, k, v, backend=backend), sync())
     if mode == "bwd":
         out = attention(q, k, v, backend=backend)
-        return lambda: (torch.autograd.grad(out, (q, k, v), do, retain_graph=True), _sync())
-    return lambda: (torch.autograd.grad(attention(q, k, v, backend=backend), (q, k, v), do), _sync())
+        return lambda: (torch.autograd.grad(out, (q, k, v), do, retain_graph=True), sync())
+    return lambda: (torch.autograd.grad(attention(q, k, v, backend=backend), (q, k, v), do), sync())
 
 
 @pytest.mark.parametrize("provider", list(PROVIDER_BACKEND))

@@ -11,9 +11,9 @@ Run: pytest bench/test_patch_embed.py --benchmark-only
 import pytest
 import torch
 
+from bench.timing import HAS_CUDA, sync
 from msn_fast.kernels.patch_embed import embed_kept_patches, embed_kept_patches_ref
 
-HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 TRITON_NOTE = "timed" if HAS_CUDA else "not timed: no GPU on this machine (only the torch path ran, reduced batch)"
@@ -25,11 +25,6 @@ SHAPES = {
     "S16_224_r0": (256, 8, 16, 384, 0.0),
     "L7_224_r0": (64, 2, 7, 1024, 0.0),
 }
-
-
-def _sync():
-    if HAS_CUDA:
-        torch.cuda.synchronize()
 
 
 def _case(name: str, shared: bool):
@@ -90,7 +85,7 @@ def test_patch_embed(benchmark, name, shared, mode, provider):
         if mode == "fwd_bwd":
             weight.grad = bias.grad = pos.grad = None
             out.backward(grad_out)
-        _sync()
+        sync()
 
     rounds = 20 if HAS_CUDA else 3
     with torch.set_grad_enabled(mode == "fwd_bwd"):

@@ -13,18 +13,13 @@ path is timed; the fused cases skip and say so.
 import pytest
 import torch
 
+from bench.timing import HAS_CUDA, sync
 from msn_fast.kernels import msn_prototype_loss, msn_prototype_loss_ref
 
-HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 VIEWS, K, DIM = 11, 1024, 256
 BATCH = {"vit_s16": 64, "vit_l7": 128}  # per GPU
 PROVIDERS = {"eager": msn_prototype_loss_ref, "fused": lambda *a, **kw: msn_prototype_loss(*a, **kw, backend="triton")}
-
-
-def _sync():
-    if HAS_CUDA:
-        torch.cuda.synchronize()
 
 
 def _inputs(batch):
@@ -81,7 +76,7 @@ def test_prototype_loss_fwd_bwd(benchmark, model, sinkhorn_iters, provider):
 
     benchmark.group = "prototype_loss-fwd_bwd"
     rounds, iterations = (50, 10) if HAS_CUDA else (5, 1)
-    benchmark.pedantic(lambda: (_fwd_bwd(fn, anchor, target, protos, sinkhorn_iters), _sync()),
+    benchmark.pedantic(lambda: (_fwd_bwd(fn, anchor, target, protos, sinkhorn_iters), sync()),
                        rounds=rounds, iterations=iterations, warmup_rounds=2)
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(
@@ -92,11 +87,11 @@ def test_prototype_loss_fwd_bwd(benchmark, model, sinkhorn_iters, provider):
         device=torch.cuda.get_device_name() if HAS_CUDA else "cpu", torch=torch.__version__,
     )  # fmt: skip
     if HAS_CUDA:
-        _sync()
+        sync()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         _fwd_bwd(fn, anchor, target, protos, sinkhorn_iters)
-        _sync()
+        sync()
         benchmark.extra_info["peak_intermediate_bytes"] = torch.cuda.max_memory_allocated() - base
     else:
         benchmark.extra_info["note"] = "CPU: only the eager torch path timed; the fused Triton kernels need a GPU"

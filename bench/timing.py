@@ -74,17 +74,8 @@ class Timer:
         )
         b = list(benchmark.stats.stats.data)
         ta = [t for t, _ in a]
-        ma, mb = statistics.median(ta), statistics.median(b)
-        return {
-            "a_median_s": ma,
-            "b_median_s": mb,
-            "ratio": ma / mb,
-            "rounds": rounds,
-            "ratio_pairs": statistics.median(x / y for x, y in zip(ta, b)),
-            "ratio_min": min(ta) / min(b),
-            "a_wall_median_s": statistics.median(w for _, w in a),
-            "clock": self.clock_name,
-        }
+        return {**self._ab(ta, b, rounds), "ratio_min": min(ta) / min(b),
+                "a_wall_median_s": statistics.median(w for _, w in a)}
 
     def paired(self, fn_a: Callable[[], object], fn_b: Callable[[], object], rounds: int, warmup: int = 1) -> dict:
         """Interleaved A/B timing without pytest-benchmark, in ABBA order: ratio = median(A) / median(B), and
@@ -97,12 +88,10 @@ class Timer:
             first, second = ((fn_a, ta), (fn_b, tb)) if i % 2 == 0 else ((fn_b, tb), (fn_a, ta))
             for fn, acc in (first, second):
                 acc.append(self.once(fn)[0])
+        return self._ab(ta, tb, rounds)
+
+    def _ab(self, ta: list[float], tb: list[float], rounds: int) -> dict:
+        """The common A/B record of per-round times: medians, ratio of medians, median of per-round ratios."""
         ma, mb = statistics.median(ta), statistics.median(tb)
-        return {
-            "a_median_s": ma,
-            "b_median_s": mb,
-            "ratio": ma / mb,
-            "rounds": rounds,
-            "ratio_pairs": statistics.median(a / b for a, b in zip(ta, tb)),
-            "clock": self.clock_name,
-        }
+        return {"a_median_s": ma, "b_median_s": mb, "ratio": ma / mb, "rounds": rounds,
+                "ratio_pairs": statistics.median(a / b for a, b in zip(ta, tb)), "clock": self.clock_name}

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,12 +49,13 @@ def _fsync_dir(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+@contextmanager
 def _quiet():
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.simplefilter("ignore", FutureWarning)
-    warnings.simplefilter("ignore", UserWarning)
-    return ctx
+    """FutureWarnings and UserWarnings (DCP's chatter) silenced inside the block only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 def save_checkpoint(out_dir: str | os.PathLike, *, model, optimizer, step: int, epoch: int, batch_in_epoch: int,
@@ -67,12 +69,9 @@ def save_checkpoint(out_dir: str | os.PathLike, *, model, optimizer, step: int, 
             shutil.rmtree(path)
         path.mkdir(parents=True)
     _barrier()
-    ctx = _quiet()
-    try:
+    with _quiet():
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-    finally:
-        ctx.__exit__(None, None, None)
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save(rng, path / f"rng_{rank}.pt")
     if rank == 0:
@@ -123,26 +122,24 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer=None) -> dict:
     """Collective: load model (and optimizer) state in place, restore this rank's RNG; returns the meta dict."""
     step_dir = resolve(path)
     meta = load_meta(step_dir)
-    ctx = _quiet()
     try:
-        if optimizer is not None:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
-        else:
-            state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=str(step_dir))
-        if optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        else:
-            model.load_state_dict(state["model"])
+        with _quiet():
+            if optimizer is not None:
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                state = {"model": model_sd, "optim": optim_sd}
+            else:
+                state = {"model": model.state_dict()}
+            dcp.load(state, checkpoint_id=str(step_dir))
+            if optimizer is not None:
+                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            else:
+                model.load_state_dict(state["model"])
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise CheckpointError(f"checkpoint {step_dir} could not be loaded (corrupt, truncated or from another "
                               f"model?): {(lines[-1] if lines else type(e).__name__)[:300]}") from e
-    finally:
-        ctx.__exit__(None, None, None)
     rng_file = step_dir / f"rng_{_rank()}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, map_location="cpu", weights_only=True)

@@ -258,9 +258,7 @@ def features_via_pixels(fn, spec: dict, src, tf, size: int, split: str, cache: P
     features), which every encoder then reads instead of decoding the images again."""
     raw = {"kind": "raw-pixels", "split": split}
     if spec["kind"] == "raw-pixels" or len(src) * 3 * size * size * 4 > PIXEL_CACHE_BYTES or cache is None:
-        if spec["kind"] != "raw-pixels":
-            return cached_features(fn, src, tf, {**spec, "split": split}, cache, device, batch_size)
-        return cached_features(fn, src, tf, raw, cache, device, batch_size)
+        return cached_features(fn, src, tf, {**spec, "split": split}, cache, device, batch_size)
     key = _cache_key({**spec, "split": split}, src, tf)
     file = cache / f"{key}.npz"
     if file.is_file():

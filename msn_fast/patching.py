@@ -92,18 +92,15 @@ class MSNAttention(nn.Module):
         g = gate(x).sigmoid() if gate is not None else None
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        for name, t in (("q_norm", 0), ("k_norm", 1)):
-            norm = self._child(name)
-            if norm is not None:
-                q, k = (norm(q), k) if t == 0 else (q, norm(k))
+        q_norm, k_norm = self._child("q_norm"), self._child("k_norm")
+        q = q_norm(q) if q_norm is not None else q
+        k = k_norm(k) if k_norm is not None else k
         drop = self._child("attn_drop")
         p = drop.p if (drop is not None and self.training) else 0.0
         out = scaled_dot_product_attention(q, k, v, attn_mask, p, is_causal, self.scale, backend=self.backend)
         out = out.transpose(1, 2).reshape(b, n, self.attn_dim)
-        for name in ("norm",):
-            m = self._child(name)
-            if m is not None:
-                out = m(out)
+        norm = self._child("norm")
+        out = norm(out) if norm is not None else out
         if g is not None:
             out = out * g
         out = self.proj(out)
