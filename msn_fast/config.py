@@ -105,6 +105,9 @@ class DataConfig:
 
 @dataclass(kw_only=True, slots=True)
 class LossConfig:
+    """The MSN objective. No label smoothing of the one-hot prototype labels: the official default
+    is 0 and only 0 is implemented (README, "Deliberate differences from the official code")."""
+
     tau: float = 0.1
     """anchor softmax temperature"""
     sharpen: float = 0.25

@@ -109,7 +109,13 @@ def shard_encoder(encoder: nn.Module, param_dtype: torch.dtype | None, reshard_r
 
 
 def all_reduce_grad_mean(param: nn.Parameter) -> None:
-    """Average a replicated parameter's gradient over processes (the prototypes)."""
+    """Average a replicated parameter's gradient over processes (the prototypes).
+
+    Fidelity note: the official code all-reduces the prototype gradient as a *sum* (AllReduceSum), so
+    its gradient is world_size times ours. Under AdamW the update m/(sqrt(v)+eps) is invariant to a
+    constant gradient scale except through eps (1e-8), so the two are nearly equivalent; the mean
+    matches the encoder's FSDP averaging and keeps the gradient independent of the process count.
+    """
     if param.grad is not None and world_size() > 1:
         dist.all_reduce(param.grad)
         param.grad /= world_size()

@@ -117,7 +117,9 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Official init: trunc_normal(0.02) for linears, pos-embed and CLS; kaiming for the patch conv."""
+        """Official init (msn_spec.md, ViT): trunc_normal(0.02) for linears (zero bias), pos-embed and CLS;
+        LayerNorm 1/0; Kaiming normal with fan-in and the ReLU gain, std sqrt(2 / (3·P·P)), for the
+        patch conv."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -125,7 +127,7 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.kaiming_normal_(self.patch_embed.weight, mode="fan_in", nonlinearity="linear")
+        nn.init.kaiming_normal_(self.patch_embed.weight, mode="fan_in", nonlinearity="relu")
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)

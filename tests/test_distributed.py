@@ -184,3 +184,83 @@ def test_ctrl_c_to_the_process_group_with_loader_workers_saves(tmp_path):
     assert p.returncode == 130, "".join(lines) + rest
     assert "stopped by SIGINT" in rest and "Traceback" not in rest, rest
     assert load_meta(out)["step"] >= 2
+
+
+_STEP_WORKER = r"""
+import os, sys
+import torch
+import torch.distributed as dist
+import msn_fast.model as msn_model
+from dataloading.loader import MultiViewBatch
+from msn_fast.config import Config, HeadConfig, LossConfig, MaskConfig, OptimConfig, ViTConfig
+from msn_fast.distributed import init_distributed
+from msn_fast.runtime import build_model, build_optimizer
+from msn_fast.schedules import Schedules
+from msn_fast.train import train_step
+
+out = sys.argv[1]
+info = init_distributed("cpu")
+cfg = Config(vit=ViTConfig(dim=32, depth=2, heads=2, patch_size=4, img_size=16, attn_impl="torch",
+                           embed_impl="torch"),
+             head=HeadConfig(hidden_dim=64, out_dim=32, num_prototypes=32),
+             mask=MaskConfig(ratio=0.5, mode="per_sample"), loss=LossConfig(sinkhorn_iters=3),
+             optim=OptimConfig(epochs=1, warmup_epochs=0))
+torch.manual_seed(0)  # the same initial model on every process
+model = build_model(cfg, torch.device("cpu"), info)
+g = torch.Generator().manual_seed(1)  # the same global batch and masks everywhere; each rank takes its rows
+B = 16
+globals_ = torch.randn(2, B, 3, 16, 16, generator=g)
+focals = torch.randn(3, B, 3, 8, 8, generator=g)
+table = torch.rand(B, 16, generator=g).argsort(dim=1)[:, :8]  # per-sample kept patches, 50% masked
+b = B // info.world
+rows = slice(info.rank * b, (info.rank + 1) * b)
+msn_model.sample_keep_indices = lambda batch, n, ratio, mode, device=None: table[rows][:batch].to(device)
+batch = MultiViewBatch(globals_[:, rows].contiguous(), focals[:, rows].contiguous(), torch.full((b,), -1))
+optimizer = build_optimizer(cfg, model, torch.device("cpu"))
+m = train_step(model, batch, optimizer, Schedules(cfg.optim, 10, 10), 0, cfg)
+full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+res = {"loss": torch.tensor(m["loss"]), "me_max": torch.tensor(m["me_max"])}
+for name, p in model.student.named_parameters():
+    res["grad." + name] = full(p.grad).detach().clone()
+res["grad.prototypes"] = model.prototypes.grad.clone()
+for name, buf in model.student.named_buffers():
+    if "running" in name:
+        res["buffer." + name] = buf.clone()
+if info.rank == 0:
+    torch.save(res, os.path.join(out, f"world{info.world}.pt"))
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+def test_two_process_step_matches_one_process_with_masking_and_sync_bn(tmp_path):
+    """One training step (the product's train_step) of 2 gloo processes x 8 images vs 1 process x 16,
+    fp32, 50% per-sample masking (the same masks, taken by sample), SyncBN in the head, FSDP2 on the
+    two ranks, Sinkhorn and ME-MAX across ranks. Gradients (after clipping), BN running statistics
+    and the logged loss agree up to fp32 rounding of another summation order; a sum where a mean
+    belongs (2x), a missing all-reduce (half the batch) or local BN statistics are O(1) off. (The
+    parameters after the first AdamW step are not compared: that step is ~lr·sign(g), which turns a
+    rounding difference in a near-zero gradient into an O(lr) one.)"""
+    from conftest import rounding_bound
+
+    (tmp_path / "w").write_text(_STEP_WORKER)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(sys.path)}
+    one = subprocess.run([sys.executable, str(tmp_path / "w"), str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(tmp_path / "w"), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "world2.pt"), torch.load(tmp_path / "world1.pt")
+    assert a.keys() == b.keys() and any(k.startswith("buffer.head") for k in a)
+    # Sums over up to 16 images x 17 tokens x 64 features, a few chained: conftest's rounding model.
+    # Normwise over the encoder's gradient: some entries are zero in exact arithmetic (the trunk's
+    # final LayerNorm bias feeds a BatchNorm, which removes any shift) and are rounding noise.
+    bound = rounding_bound(torch.float32, 16 * 17 * 64)
+    grad_scale = max(v.abs().max().item() for k, v in b.items() if k.startswith("grad.") and k != "grad.prototypes")
+    for key in a:
+        scale = grad_scale if key.startswith("grad.") and key != "grad.prototypes" else b[key].abs().max().item()
+        err = (a[key] - b[key]).abs().max().item()
+        assert err <= bound * scale, f"{key}: 2 processes differ from 1 by {err:.3e} (scale {scale:.3e})"
+    assert b["grad.prototypes"].abs().max() > 0 and b["me_max"] > 0

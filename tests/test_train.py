@@ -82,19 +82,25 @@ def test_lowshot_report_written(tmp_path):
         assert all(0.0 <= a <= 1.0 for a in res["5-shot"]["accuracy"])
 
 
-def test_image_folder_training(tmp_path):
+def test_image_folder_training(tmp_path, capfd):
+    """A broken file in the folder is skipped, counted and named: with the batch as large as the
+    folder, each step reads every file once, so the count after step s is exactly s."""
     rng = np.random.default_rng(0)
     data = tmp_path / "imgs"
     for c in ("a", "b"):
         (data / c).mkdir(parents=True)
-        for i in range(10):
+        for i in range(4):
             Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(data / c / f"{i}.png")
     (data / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out = tmp_path / "run"
-    args = TINY + ["--data.batch_size", "8", "--run.max_steps", "2", "--data.path", str(data), "--run.out_dir",
-                   str(out)]
+    args = TINY + ["--data.batch_size", "9", "--run.max_steps", "2", "--data.path", str(data), "--run.out_dir",
+                   str(out), "--run.eval_lowshot", "false"]
     assert main(args) == 0
-    assert sum(m["skipped_images"] for m in _metrics(out)[-1:]) >= 0
+    assert [m["skipped_images"] for m in _metrics(out)] == [1, 2]
+    err = capfd.readouterr().err.splitlines()
+    named = [line for line in err if "skipping unreadable image" in line]
+    assert len(named) == 2 and all(str(data / "a" / "broken.jpg") in line for line in named), named
+    assert any("2 unreadable images skipped" in line for line in err)
 
 
 def test_checkpoint_errors(tmp_path):

@@ -23,10 +23,54 @@ def test_every_registered_config_on_meta_with_official_token_counts(name):
 
 
 def test_official_l7_numbers():
+    """The token counts of MSN's ViT-L/7 views, from the model itself (meta device: shapes only)."""
     vit = build_vit("vit_l7", device="meta")
     assert vit.num_patches == 1024  # 32 x 32
-    assert num_kept(1024, 0.7) == 307  # + CLS = 308 anchor tokens
-    assert (96 // 7) ** 2 + 1 == 170  # focal tokens (conv stride 7 drops 5 px)
+    keep = torch.arange(num_kept(1024, 0.7), device="meta")
+    anchor = vit.embed(torch.empty(1, 3, 224, 224, device="meta"), keep)
+    assert anchor.shape == (1, 308, 1024)  # 307 kept patches + CLS
+    focal = vit.embed(torch.empty(1, 3, 96, 96, device="meta"))
+    assert focal.shape == (1, 170, 1024)  # 13 x 13 patches + CLS: the stride-7 conv drops 5 px
+    assert vit(torch.empty(2, 3, 96, 96, device="meta")).shape == (2, 1024)
+
+
+def _check_normal(t, std, name, mean=0.0):
+    """Sample mean and std of i.i.d. draws within 6 standard errors of the distribution's."""
+    x = t.detach().double().flatten()
+    n = x.numel()
+    assert abs(x.mean().item() - mean) <= 6 * std / n**0.5, (name, x.mean().item())
+    assert abs(x.std().item() / std - 1) <= 6 / (2 * n) ** 0.5, (name, x.std().item(), std)
+
+
+def test_init_follows_the_official_recipe():
+    """msn_spec.md: trunc_normal(0.02) for linears (bias 0), pos-embed and CLS; LayerNorm 1/0;
+    Kaiming normal (fan-in, ReLU gain) for the patch conv; prototypes Uniform(±1/√d); head BN 1/0."""
+    from msn_fast.config import Config, HeadConfig, ViTConfig
+    from msn_fast.model import MSN
+
+    cfg = Config(vit=ViTConfig(dim=192, depth=2, heads=3, patch_size=8, img_size=64),
+                 head=HeadConfig(hidden_dim=256, out_dim=128, num_prototypes=512))
+    model = MSN(cfg)
+    vit = model.student.trunk
+    fan_in = 3 * 8 * 8
+    _check_normal(vit.patch_embed.weight, (2 / fan_in) ** 0.5, "patch conv")  # linear gain: sqrt(2) smaller
+    assert (vit.patch_embed.bias == 0).all()
+    _check_normal(vit.pos_embed, 0.02, "pos_embed")
+    _check_normal(vit.cls_token, 0.02, "cls_token")
+    linears = [(n, m) for n, m in model.student.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 4 + 3  # qkv, proj, fc1, fc2 per block; the head's three
+    for n, m in linears:
+        _check_normal(m.weight, 0.02, n)
+        assert (m.bias == 0).all(), n
+    norms = [m for m in model.student.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm1d))]
+    assert len(norms) == 2 * 2 + 1 + 2
+    for m in norms:
+        assert (m.weight == 1).all() and (m.bias == 0).all()
+    p, bound = model.prototypes.detach().double(), 1 / 128**0.5
+    assert p.abs().max() <= bound and p.abs().max() > bound * (1 - 10 / p.numel())
+    _check_normal(p, bound / 3**0.5, "prototypes")  # a uniform's std; its mean 0
+    for a, b in zip(model.student.parameters(), model.target.parameters()):  # the EMA target starts equal
+        assert torch.equal(a, b) and not b.requires_grad
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))

@@ -15,7 +15,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import DEVICE, LOWP_FLOOR, TOL
+from conftest import DEVICE, LOWP_FLOOR, assert_rounding_close, rounding_bound, seeded
 
 from msn_fast.kernels import prototype_loss as pl
 from msn_fast.kernels import prototype_loss_triton as tri
@@ -24,7 +24,7 @@ F64 = torch.float64
 
 
 def _inputs(views, batch, k, d, dtype=F64, proto_dtype=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seeded(seed))  # changes with MSN_TEST_SEED
     target = torch.randn(batch, d, generator=g, dtype=F64)
     # Anchors near their target (as after some training) so CE and the gradients are not just noise.
     anchor = target.repeat(views, 1) + 0.8 * torch.randn(views * batch, d, generator=g, dtype=F64)
@@ -60,6 +60,17 @@ def _rel_err(got, ref):
     return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
+def _f64_bound(rows, k, tau=0.1):
+    """fp64 relative error the rounding model allows: sums over rows x K entries, each through exp of
+    a logit cos/τ whose conditioning is |cos|/τ <= 1/τ (conftest.rounding_bound)."""
+    return rounding_bound(F64, rows * k, 1 / tau)
+
+
+def _fp32_floor(rows, k, tau=0.1):
+    """The same bound in fp32: the floor of the 2 x plain-torch rule, scaling with 1/τ (the logits)."""
+    return rounding_bound(torch.float32, rows * k, 1 / tau)
+
+
 def _errors(res, ref):
     """Relative max errors of loss, CE, ME-MAX, mean max target prob, ∂anchor, ∂prototypes."""
     (loss, st, da, dp), (rloss, rst, rda, rdp) = res, ref
@@ -89,13 +100,12 @@ def test_fp64_matches_reference(views, batch, k, d, sk, block_m):
     anchor, target, protos = _inputs(views, batch, k, d)
     got = _run(_triton(block_m), anchor, target, protos, num_views=views, sinkhorn_iters=sk)
     ref = _ref64(anchor, target, protos, num_views=views, sinkhorn_iters=sk)
-    atol, rtol = TOL[F64]
-    for name, x, y in zip(("loss", "ce", "me_max", "max_target_prob"), (got[0], *got[1][:2], got[1][3]),
-                          (ref[0], *ref[1][:2], ref[1][3])):
-        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=name)
+    bound = _f64_bound(views * batch, k)
+    names = ("loss", "ce", "me_max", "max_target_prob", "d_anchor", "d_prototypes")
+    for name, err in zip(names, _errors(got, ref)):
+        assert err <= bound, (name, err, bound)
     assert got[1].num_targets.item() == ref[1].num_targets.item() > 1
-    for name, x, y in (("d_anchor", got[2], ref[2]), ("d_prototypes", got[3], ref[3])):
-        assert x.dtype == F64 and _rel_err(x, y) < 1e-10, (name, _rel_err(x, y))
+    assert got[2].dtype == got[3].dtype == F64
     assert ref[0].item() > 0.5 and ref[1].me_max.item() > 1e-4  # both terms matter in these inputs
 
 
@@ -105,9 +115,9 @@ def test_fp32_close_to_fp64_reference(views, batch, k, d, sk):
     kw = dict(num_views=views, sinkhorn_iters=sk)
     got = _errors(_run(_triton(), anchor, target, protos, **kw), _ref64(anchor, target, protos, **kw))
     eager = _errors(_run(pl.msn_prototype_loss_ref, anchor, target, protos, **kw), _ref64(anchor, target, protos, **kw))
-    atol = TOL[torch.float32][0]
+    floor = _fp32_floor(views * batch, k)
     for name, g, e in zip(("loss", "ce", "me_max", "max_target_prob", "d_anchor", "d_prototypes"), got, eager):
-        assert g <= 2 * e + atol, (name, g, e)
+        assert g <= 2 * e + floor, (name, g, e, floor)
 
 
 @pytest.mark.parametrize("dtype,proto_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -127,7 +137,7 @@ def test_low_precision_inputs(dtype, proto_dtype):
                           eager):
         assert g <= 2 * e + floor, (name, g, e)
     # The maths is fp32 inside: before the output cast the values are as good as fp32's.
-    assert _errors(got, ref)[0] < 1e-5
+    assert _errors(got, ref)[0] <= _fp32_floor(views * batch, k)
 
 
 def test_poisoned_buffers_are_fully_written():
@@ -152,18 +162,20 @@ def test_zero_anchor_row_and_partial_grads():
     anchor[3] = 0
     kw = dict(num_views=2, sinkhorn_iters=0)
     got, ref = _run(_triton(8), anchor, target, protos, **kw), _ref64(anchor, target, protos, **kw)
-    assert max(_errors(got, ref)[:4] + [_rel_err(got[3], ref[3])]) < 1e-10
+    bound = _f64_bound(10, 64)
+    assert max(_errors(got, ref)[:4] + [_rel_err(got[3], ref[3])]) <= bound
     other = torch.arange(anchor.shape[0]) != 3
-    assert _rel_err(got[2][other], ref[2][other]) < 1e-10
+    assert _rel_err(got[2][other], ref[2][other]) <= bound
     assert _rel_err(got[2][3], ref[2][3]) < 1e-7  # the kernels' eps literal is fp32's nearest value to 1e-12
     assert ref[2][3].abs().max() > 1e6  # the gradient of x / eps
+    # Other paths through the same maths (one grad requested, or none): equal up to rounding, not bits.
     only_p = protos.clone().requires_grad_()
     _triton(8)(anchor, target, only_p, **kw)[0].mul(0.7).backward()
-    torch.testing.assert_close(only_p.grad, got[3], atol=0, rtol=0)
+    assert _rel_err(only_p.grad, got[3]) <= bound
     with torch.no_grad():
         loss, stats = pl.msn_prototype_loss(anchor.requires_grad_(), target, protos, **kw, backend="triton")
     assert not loss.requires_grad
-    torch.testing.assert_close(loss, got[0], atol=0, rtol=0)
+    assert_rounding_close(loss, got[0], F64, n=10 * 64, scale=10.0, name="no-grad loss")
 
 
 def test_backend_switch_and_other_hyperparameters():
@@ -174,10 +186,11 @@ def test_backend_switch_and_other_hyperparameters():
     torch.testing.assert_close(auto[2], same[2], atol=0, rtol=0)
     ref = _ref64(anchor, target, protos, **kw)
     fused = _run(pl.msn_prototype_loss, anchor, target, protos, **kw, backend="triton")
-    assert max(_errors(fused, ref)) < 1e-10
+    bound = _f64_bound(12, 64, tau=0.2)
+    assert max(_errors(fused, ref)) <= bound
     kw["me_max_weight"] = 0.0  # λ = 0: the ME-MAX term leaves the gradient but is still reported
     got, ref = _run(_triton(), anchor, target, protos, **kw), _ref64(anchor, target, protos, **kw)
-    assert max(_errors(got, ref)) < 1e-10 and got[1].me_max.item() > 1e-4
+    assert max(_errors(got, ref)) <= bound and got[1].me_max.item() > 1e-4
 
 
 def test_one_rows_by_k_tensor_saved_for_backward():
@@ -275,15 +288,16 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 
     rows = [torch.arange(world * b).view(world, b)[r].repeat(views) + torch.arange(views).repeat_interleave(b)
             * world * b for r in range(world)]  # the single-process anchor rows held by rank r
+    tol = _f64_bound(views * world * b, k)  # other summation orders across ranks: rounding, not bits
+    close = dict(atol=tol, rtol=tol)
     for sk in (0, 3):
         q_single = pl.target_probs(target, protos, 0.1, 0.25, sk, None)
         for r in range(world):
-            torch.testing.assert_close(ranks[r][("q", sk)], q_single[r * b:(r + 1) * b], atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(ranks[r][("q", sk)], q_single[r * b:(r + 1) * b], **close)
         for backend in ("triton", "torch"):
             single = _run(pl.msn_prototype_loss, anchor, target, protos, grad_scale=1.0, num_views=views,
                           sinkhorn_iters=sk, backend=backend)
             loss, ce, me_max, max_t, da, dp = (torch.stack([rk[(sk, backend)][i] for rk in ranks]) for i in range(6))
-            close = dict(atol=1e-10, rtol=1e-10)
             torch.testing.assert_close(loss.mean(), single[0], **close)
             torch.testing.assert_close(ce.mean(), single[1].ce, **close)
             torch.testing.assert_close(me_max, single[1].me_max.expand(world), **close)

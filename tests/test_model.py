@@ -1,0 +1,72 @@
+"""MSN.loss wiring: which encoder sees which view, what is masked, and the row order of the anchors."""
+
+import torch
+from conftest import assert_rounding_close
+
+import msn_fast.model as msn_model
+from msn_fast.config import Config, HeadConfig, MaskConfig, ViTConfig
+from msn_fast.kernels import msn_prototype_loss
+from msn_fast.masking import num_kept
+
+
+def _differs(a, b):
+    """Far apart relative to their size (the loss normalises embeddings, so only direction counts)."""
+    return ((a - b).abs().max() > 0.05 * b.abs().max()).item()
+
+
+def test_views_encoders_masks_and_row_order(monkeypatch):
+    """View 0 is the target (EMA encoder, unmasked, no grad); view 1 the anchor (student, masked);
+    focal views unmasked (student); anchors view-major (row v·B + b is view v of sample b), matching
+    the targets repeated per view inside the loss. In eval mode every row is independent of the
+    others, so each expected row is computed alone and compared with what reached the loss."""
+    cfg = Config(vit=ViTConfig(dim=32, depth=1, heads=2, patch_size=4, img_size=16, attn_impl="torch",
+                               embed_impl="torch"),
+                 head=HeadConfig(hidden_dim=16, out_dim=8, num_prototypes=6), mask=MaskConfig(ratio=0.5))
+    model = msn_model.MSN(cfg)
+    with torch.no_grad():  # a target unlike the student, so swapping the encoders shows
+        for p in model.target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    B, F = 3, 2
+    globals_, focals = torch.randn(2, B, 3, 16, 16), torch.randn(F, B, 3, 8, 8)
+
+    seen = {}
+    real_keep, real_loss = msn_model.sample_keep_indices, msn_model.msn_prototype_loss
+
+    def keep_spy(*args, **kw):
+        seen["keep"] = real_keep(*args, **kw)
+        return seen["keep"]
+
+    def loss_spy(anchor, target, protos, **kw):
+        seen.update(anchor=anchor, target=target, protos=protos, grad_enabled=torch.is_grad_enabled(), **kw)
+        return real_loss(anchor, target, protos, **kw)
+
+    monkeypatch.setattr(msn_model, "sample_keep_indices", keep_spy)
+    monkeypatch.setattr(msn_model, "msn_prototype_loss", loss_spy)
+    loss, _ = model.loss(globals_, focals)
+
+    keep = seen["keep"]
+    assert keep.shape == (num_kept(16, 0.5),)
+    assert seen["num_views"] == 1 + F and seen["protos"] is model.prototypes
+    n = 17 * 32  # sums over tokens x width: rows computed alone vs in a batch differ by rounding only
+    with torch.no_grad():
+        want_target = torch.cat([model.target(globals_[0, b:b + 1]) for b in range(B)])
+        want_anchor = torch.cat([model.student(globals_[1, b:b + 1], keep) for b in range(B)] +
+                                [model.student(focals[f, b:b + 1]) for f in range(F) for b in range(B)])
+        assert _differs(want_target, model.student(globals_[0]))  # the encoders differ
+        assert _differs(want_anchor[:B], model.student(globals_[1]))  # masking matters
+        assert _differs(want_anchor[:B], model.student(globals_[0], keep))  # the two global views differ
+    assert not seen["target"].requires_grad and seen["anchor"].requires_grad
+    assert_rounding_close(seen["target"], want_target, torch.float32, n, "target rows (view 0, EMA, unmasked)")
+    assert_rounding_close(seen["anchor"], want_anchor, torch.float32, n,
+                          "anchor rows (view 1 masked, then focal views, view-major)")
+    lc = cfg.loss
+    hyper = dict(tau=lc.tau, sharpen=lc.sharpen, me_max_weight=lc.me_max_weight, sinkhorn_iters=lc.sinkhorn_iters)
+    assert {k: seen[k] for k in hyper} == hyper
+    want_loss, _ = msn_prototype_loss(want_anchor, want_target, model.prototypes, num_views=1 + F, **hyper)
+    assert_rounding_close(loss.detach(), want_loss, torch.float32, n * 6, "loss")
+
+    loss.backward()  # gradients reach the student and the prototypes, never the target
+    assert all(p.grad is None for p in model.target.parameters())
+    assert model.prototypes.grad is not None
+    assert all(p.grad is not None for p in model.student.parameters())
