@@ -32,18 +32,14 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 #    the interpreter truncates fp32 -> 16-bit stores where a GPU rounds) and the rounding bound of (2)
 #    for fp32, so it scales with the magnitude of the values.
 # 4. Ill-conditioned cases (a peaked softmax) compare with fp64 at a bound derived for that case
-#    next to the test (tests/kernels/test_attention.py: _peaked_bounds).
+#    next to the test (tests/kernels/test_attention.py: _fp32_bounds).
 ROUNDING_K = 8.0
 LOWP_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-def eps(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
-
-
 def rounding_bound(dtype: torch.dtype, n: int, scale: float = 1.0, k: float = ROUNDING_K) -> float:
     """Largest error the rounding model allows for sums of `n` terms of magnitude `scale` in `dtype`."""
-    return k * eps(dtype) * max(n, 1) ** 0.5 * scale
+    return k * torch.finfo(dtype).eps * max(n, 1) ** 0.5 * scale
 
 
 def assert_rounding_close(got, ref, dtype: torch.dtype, n: int, name: str = "", scale: float | None = None,
@@ -61,17 +57,22 @@ def assert_rounding_close(got, ref, dtype: torch.dtype, n: int, name: str = "", 
     assert err <= bound, f"{name}: error {err:.3e} > rounding bound {bound:.3e} ({dtype}, n={n}, scale={scale:.3e})"
 
 
+def assert_within(got, ref, bound, name: str = "") -> None:
+    """|got - ref| <= bound elementwise (`bound` a tensor of ref's shape); the worst element is reported."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} vs {tuple(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got.double() - ref.double()).abs()
+    i = (err / bound).argmax()
+    assert (err <= bound).all(), (f"{name}: error {err.flatten()[i]:.3e} > bound {bound.flatten()[i]:.3e} "
+                                  f"at flat index {i.item()}")
+
+
 def assert_sum_bound(got, ref, abs_ref, dtype: torch.dtype, n: int, name: str = "", k: float = ROUNDING_K) -> None:
     """Rule (2) elementwise for (multi)linear ops: |got - ref| <= k·eps·sqrt(n)·abs_ref, where abs_ref
     is the fp64 reference run on the absolute values of every input (so abs_ref = Σ|terms| of each
     output element exactly) and n the longest reduction. A tiny floor covers exact zeros."""
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} vs {tuple(ref.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
     bound = rounding_bound(dtype, n, 1.0, k) * abs_ref.double() + torch.finfo(dtype).tiny
-    over = (got.double() - ref.double()).abs() / bound
-    i = over.argmax()
-    assert over.max() <= 1, (f"{name}: error {(got.double() - ref.double()).abs().flatten()[i]:.3e} > bound "
-                             f"{bound.flatten()[i]:.3e} ({dtype}, n={n}) at flat index {i.item()}")
+    assert_within(got, ref, bound, f"{name} ({dtype}, n={n})")
 
 
 def assert_flash_rule(got, ref, plain, dtype: torch.dtype, n: int, name: str = "") -> None:

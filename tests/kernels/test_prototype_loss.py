@@ -60,15 +60,11 @@ def _rel_err(got, ref):
     return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
-def _f64_bound(rows, k, tau=0.1):
-    """fp64 relative error the rounding model allows: sums over rows x K entries, each through exp of
-    a logit cos/τ whose conditioning is |cos|/τ <= 1/τ (conftest.rounding_bound)."""
-    return rounding_bound(F64, rows * k, 1 / tau)
-
-
-def _fp32_floor(rows, k, tau=0.1):
-    """The same bound in fp32: the floor of the 2 x plain-torch rule, scaling with 1/τ (the logits)."""
-    return rounding_bound(torch.float32, rows * k, 1 / tau)
+def _loss_bound(rows, k, tau=0.1, dtype=F64):
+    """Relative error the rounding model allows in `dtype`: sums over rows x K entries, each through
+    exp of a logit cos/τ whose conditioning is |cos|/τ <= 1/τ (conftest.rounding_bound). In fp32 it is
+    the floor of the 2 x plain-torch rule, so the floor scales with 1/τ (the logits)."""
+    return rounding_bound(dtype, rows * k, 1 / tau)
 
 
 def _errors(res, ref):
@@ -100,7 +96,7 @@ def test_fp64_matches_reference(views, batch, k, d, sk, block_m):
     anchor, target, protos = _inputs(views, batch, k, d)
     got = _run(_triton(block_m), anchor, target, protos, num_views=views, sinkhorn_iters=sk)
     ref = _ref64(anchor, target, protos, num_views=views, sinkhorn_iters=sk)
-    bound = _f64_bound(views * batch, k)
+    bound = _loss_bound(views * batch, k)
     names = ("loss", "ce", "me_max", "max_target_prob", "d_anchor", "d_prototypes")
     for name, err in zip(names, _errors(got, ref)):
         assert err <= bound, (name, err, bound)
@@ -115,7 +111,7 @@ def test_fp32_close_to_fp64_reference(views, batch, k, d, sk):
     kw = dict(num_views=views, sinkhorn_iters=sk)
     got = _errors(_run(_triton(), anchor, target, protos, **kw), _ref64(anchor, target, protos, **kw))
     eager = _errors(_run(pl.msn_prototype_loss_ref, anchor, target, protos, **kw), _ref64(anchor, target, protos, **kw))
-    floor = _fp32_floor(views * batch, k)
+    floor = _loss_bound(views * batch, k, dtype=torch.float32)
     for name, g, e in zip(("loss", "ce", "me_max", "max_target_prob", "d_anchor", "d_prototypes"), got, eager):
         assert g <= 2 * e + floor, (name, g, e, floor)
 
@@ -137,7 +133,7 @@ def test_low_precision_inputs(dtype, proto_dtype):
                           eager):
         assert g <= 2 * e + floor, (name, g, e)
     # The maths is fp32 inside: before the output cast the values are as good as fp32's.
-    assert _errors(got, ref)[0] <= _fp32_floor(views * batch, k)
+    assert _errors(got, ref)[0] <= _loss_bound(views * batch, k, dtype=torch.float32)
 
 
 def test_poisoned_buffers_are_fully_written():
@@ -162,7 +158,7 @@ def test_zero_anchor_row_and_partial_grads():
     anchor[3] = 0
     kw = dict(num_views=2, sinkhorn_iters=0)
     got, ref = _run(_triton(8), anchor, target, protos, **kw), _ref64(anchor, target, protos, **kw)
-    bound = _f64_bound(10, 64)
+    bound = _loss_bound(10, 64)
     assert max(_errors(got, ref)[:4] + [_rel_err(got[3], ref[3])]) <= bound
     other = torch.arange(anchor.shape[0]) != 3
     assert _rel_err(got[2][other], ref[2][other]) <= bound
@@ -186,7 +182,7 @@ def test_backend_switch_and_other_hyperparameters():
     torch.testing.assert_close(auto[2], same[2], atol=0, rtol=0)
     ref = _ref64(anchor, target, protos, **kw)
     fused = _run(pl.msn_prototype_loss, anchor, target, protos, **kw, backend="triton")
-    bound = _f64_bound(12, 64, tau=0.2)
+    bound = _loss_bound(12, 64, tau=0.2)
     assert max(_errors(fused, ref)) <= bound
     kw["me_max_weight"] = 0.0  # λ = 0: the ME-MAX term leaves the gradient but is still reported
     got, ref = _run(_triton(), anchor, target, protos, **kw), _ref64(anchor, target, protos, **kw)
@@ -288,7 +284,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 
     rows = [torch.arange(world * b).view(world, b)[r].repeat(views) + torch.arange(views).repeat_interleave(b)
             * world * b for r in range(world)]  # the single-process anchor rows held by rank r
-    tol = _f64_bound(views * world * b, k)  # other summation orders across ranks: rounding, not bits
+    tol = _loss_bound(views * world * b, k)  # other summation orders across ranks: rounding, not bits
     close = dict(atol=tol, rtol=tol)
     for sk in (0, 3):
         q_single = pl.target_probs(target, protos, 0.1, 0.25, sk, None)
