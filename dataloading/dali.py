@@ -21,9 +21,11 @@ How it stays identical to the torch loader where it matters:
 Robustness (an epoch never dies because of one file):
 - Folder files are read in Python. At first sight each gets a PIL header check (no decode): a complete
   8-bit RGB or grey JPEG/PNG (JPEG ends with EOI, PNG with IEND) goes to DALI's decoder as bytes; anything else
-  (CMYK, 16-bit, alpha, palette, other formats, truncated files) is decoded by `load_image` (PIL, `to_rgb`) and
+  (CMYK, 16-bit, alpha, palette, other formats, truncated files) is decoded by `read_image` (PIL, `to_rgb`) and
   passed on as uncompressed PPM bytes, so it comes out as the torch loader sees it. Files PIL cannot decode are
-  skipped: replaced by the next readable image, counted in `MultiViewBatch.skipped`, warned about by name once.
+  skipped as in the torch loader: replaced by an image drawn from (seed, epoch, index) (`loader.replacements`),
+  counted in `MultiViewBatch.skipped` (slots replaced) and `broken` (files met), warned about by name once per
+  loader and kept in `unreadable`. A slot with no readable replacement raises one DataError line.
 - If DALI's decoder still fails (corrupt data behind a valid header), the files of the failed and prefetched
   batches are checked one by one (PIL, then a one-image DALI decode), the culprits re-routed or skipped, and the
   pipeline rebuilt and re-run from the failed batch: the output is what it would have been had the file been
@@ -48,8 +50,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .loader import MultiViewBatch, ShardedSampler
-from .sources import ImageFolder, load_image
+from .loader import MAX_REPLACEMENTS, MultiViewBatch, ShardedSampler, exhausted_message, replacements
+from .sources import DataError, ImageFolder, read_image
 from .views import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,6 @@ log = logging.getLogger(__name__)
 RATIO = (3 / 4, 4 / 3)
 _FAST, _PIL, _BAD = 0, 1, 2  # how a folder file reaches DALI: its own bytes, PIL-decoded PPM, skipped
 _NPARAM = 10  # per view: roi start, roi end, jitter?, brightness, contrast, colour?, hue, saturation, blur?, sigma
-MAX_REPLACEMENTS = 64
 
 
 def dali_available() -> bool:
@@ -202,6 +203,8 @@ class DaliMultiViewLoader:
         self.encoded = isinstance(source, ImageFolder)
         self.route = np.full(len(source), -1, np.int8)  # folder files: -1 unseen, else _FAST/_PIL/_BAD
         self.hw = np.zeros((len(source), 2), np.int64)
+        self.unreadable: dict[int, str] = {}  # source index -> "PATH: why", each warned about once, when found
+        self._fatal: str | None = None  # a slot with no readable replacement (raised as DataError by __iter__)
         self.epoch, self.start = 0, 0
         self._pipe, self._meta, self._plan, self._next, self._clean, self._label = None, deque(), [], 0, False, -1
 
@@ -219,8 +222,9 @@ class DaliMultiViewLoader:
     # ---- Python side: images and random numbers of one batch -------------------------------------------------
     def _mark(self, j: int, route: int, why: str) -> None:
         self.route[j] = route
-        path = self.source.samples[j][0]
+        path = self.source.samples[j][0] if self.encoded else f"item {j} of the source"
         if route == _BAD:
+            self.unreadable[j] = f"{path}: {why}"
             log.warning("skipping unreadable image %s: %s", path, why)
         else:
             log.warning("image %s: %s; decoding it with PIL", path, why)
@@ -230,6 +234,7 @@ class DaliMultiViewLoader:
         if not self.encoded:
             img, self._label = self.source[j]
             if img is None:
+                self._mark(j, _BAD, "no image")
                 return None
             arr = np.asarray(img.convert("RGB"))
             self.hw[j] = arr.shape[:2]
@@ -244,33 +249,44 @@ class DaliMultiViewLoader:
                     self.route[j] = _FAST if fast else _PIL
                 if self.route[j] == _FAST:
                     return np.frombuffer(data, np.uint8)
-            except Exception:  # unreadable or unparseable: let PIL's decode say why (and warn)
+            except Exception:  # unreadable or unparseable: let PIL's decode say why
                 self.route[j] = _PIL
         if self.route[j] == _PIL:
-            img = load_image(path)
-            if img is not None:
-                self.hw[j] = img.size[::-1]
-                return _ppm(img)
-            self.route[j] = _BAD  # load_image warned with the file's name
+            try:
+                img = read_image(path)
+            except Exception as e:  # PIL raises many types
+                self._mark(j, _BAD, str(e))
+                return None
+            self.hw[j] = img.size[::-1]
+            return _ppm(img)
         return None
 
     def _inputs(self, t: int):
         """External-source callback: the inputs of the plan's batch t (StopIteration after the last one)."""
         if t >= len(self._plan):
             raise StopIteration
-        data, keys, used, labels = [], [], [], []
+        data, keys, used, labels, broken = [], [], [], [], {}
         for i in self._plan[t]:
-            for k in range(MAX_REPLACEMENTS):  # a broken image is replaced by the next readable one
-                j = (i + k) % len(self.source)
-                if self.route[j] != _BAD and (x := self._load(j)) is not None:
-                    break
-            else:
-                raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable images from index {i}: check the data")
+            j, x = self._readable(i, broken)
             data.append(x), keys.append(i), used.append(j)
             labels.append(self.source.samples[j][1] if self.encoded else self._label)
         params = view_params(self.recipe, keys, self.hw[used], self.seed, self.epoch)
-        self._meta.append((t, used, labels, sum(j != i for i, j in zip(keys, used))))
+        self._meta.append((t, used, labels, sum(j != i for i, j in zip(keys, used)), broken))
         return [data] + [p for view in params for p in view]
+
+    def _readable(self, i: int, broken: dict[int, str]) -> tuple[int, np.ndarray]:
+        """(index, input) of image i, or of its first readable replacement (the torch loader's draw); adds the
+        unreadable files met to `broken`. None readable: a DataError (kept in `_fatal`, as DALI may wrap it)."""
+        if self.route[i] != _BAD and (x := self._load(i)) is not None:
+            return i, x
+        tried = {i: self.unreadable[i]}  # _load returns None only after _mark(_BAD), which fills `unreadable`
+        for j in replacements(len(self.source), i, self.seed, self.epoch, MAX_REPLACEMENTS):
+            if self.route[j] != _BAD and (x := self._load(j)) is not None:
+                broken.update(tried)
+                return j, x
+            tried[j] = self.unreadable[j]
+        self._fatal = exhausted_message(self.source, i, tried)
+        raise DataError(self._fatal)
 
     # ---- DALI side -----------------------------------------------------------------------------------------
     def _build(self, first: int) -> None:
@@ -325,8 +341,10 @@ class DaliMultiViewLoader:
 
         pipe = None
         for j in suspects:
-            if load_image(self.source.samples[j][0]) is None:
-                self._mark(j, _BAD, "PIL cannot decode it either")
+            try:
+                read_image(self.source.samples[j][0])
+            except Exception as e:
+                self._mark(j, _BAD, f"PIL cannot decode it either ({e})")
                 fixed += 1
                 continue
             try:
@@ -351,7 +369,7 @@ class DaliMultiViewLoader:
             self._meta, self._next, self._plan_iter = deque(), 0, iter(range(len(self._plan)))
         else:
             self._build(0)
-        self._clean = False
+        self._clean, self._fatal = False, None
         failures = 0
         while True:
             try:
@@ -359,6 +377,9 @@ class DaliMultiViewLoader:
             except StopIteration:
                 break
             except Exception as e:
+                if self._fatal is not None:  # no readable image for a slot: not the decoder's fault
+                    self._pipe, self._fatal, message = None, None, self._fatal
+                    raise DataError(message) from None
                 t = self._meta[0][0] if self._meta else self._next
                 failures += 1
                 if failures > 2 or not self._diagnose():
@@ -366,11 +387,14 @@ class DaliMultiViewLoader:
                                        f"{str(e).splitlines()[-1][:300]}") from e
                 self._build(t)
                 continue
-            t, used, labels, skipped = self._meta.popleft()
+            t, used, labels, skipped, broken = self._meta.popleft()
             g, f = self._to_torch(outs, len(used))
             self._next, failures = t + 1, 0
             lab = torch.tensor(labels, dtype=torch.long)
-            yield MultiViewBatch(g, f, lab if self.device_id is None else lab.to(g.device), int(skipped))
+            yield MultiViewBatch(g, f, lab if self.device_id is None else lab.to(g.device), int(skipped), broken)
+        if self._fatal is not None:  # in case DALI took the error for the end of the data
+            self._pipe, self._fatal, message = None, None, self._fatal
+            raise DataError(message)
         self._clean = True
 
 

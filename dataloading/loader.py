@@ -3,21 +3,34 @@
 Every process (rank) sees a disjoint slice of each global batch of one seeded permutation per epoch
 (drop_last, like DistributedSampler), so each image is seen at most once per epoch across ranks. Each sample's
 augmentation is seeded from (seed, epoch, index), so batches are identical whatever the number of
-workers and whether the epoch was resumed part-way. A broken image is
-replaced by the next readable one in the source, counted in `MultiViewBatch.skipped` and warned
-about by name, so a bad file never stops a run or changes the batch size.
+workers and whether the epoch was resumed part-way.
+
+A broken image is replaced by a readable one drawn at random from (seed, epoch, index) alone (`replacements`),
+so no image is over-sampled and resume stays exact. Workers only report what they met (`MultiViewBatch.broken`);
+the main process warns once per file and keeps the run's set (`MultiViewLoader.unreadable`), because workers
+are separate processes started anew each epoch. When no readable replacement is found, the worker returns a
+marker instead of raising (a worker's exception reaches the main process wrapped in a traceback), and the main
+process raises one `DataError` line.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .sources import DataError
 from .views import MultiViewTransform, ViewRecipe
+
+log = logging.getLogger(__name__)
+
+MAX_REPLACEMENTS = 64
+"""Readable images tried in place of a broken one before the data is declared unusable."""
 
 
 @dataclass
@@ -28,43 +41,108 @@ class MultiViewBatch:
     focals: torch.Tensor
     labels: torch.Tensor  # [B], -1 where unlabelled
     skipped: int = 0  # broken images replaced in this batch
+    broken: dict[int, str] = field(default_factory=dict)
+    """source index -> "PATH: why" of every unreadable file met filling this batch (replacement draws included).
+    A run's count of unreadable files is the size of the union over its batches (the loader's `unreadable`)."""
 
     def to(self, device, non_blocking: bool = True) -> "MultiViewBatch":
         return MultiViewBatch(self.globals.to(device, non_blocking=non_blocking),
                               self.focals.to(device, non_blocking=non_blocking), self.labels.to(device),
-                              self.skipped)
+                              self.skipped, self.broken)
 
     def pin_memory(self) -> "MultiViewBatch":
-        return MultiViewBatch(self.globals.pin_memory(), self.focals.pin_memory(), self.labels, self.skipped)
+        return MultiViewBatch(self.globals.pin_memory(), self.focals.pin_memory(), self.labels, self.skipped,
+                              self.broken)
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """Returned by a worker instead of a batch when a slot has no readable replacement; the loader raises it in
+    the main process as DataError(message)."""
+
+    message: str
+
+
+def replacements(n: int, i: int, seed: int, epoch: int, limit: int = MAX_REPLACEMENTS) -> list[int]:
+    """Indices to try, in order, in place of unreadable image i of an n-image source: `limit` distinct others
+    (every other one when n <= limit + 1) drawn at random from (seed, epoch, i) alone.
+
+    Uniform over the source, unlike the alphabetical neighbour, which would be drawn twice as often; the same for
+    any number of workers and on resume. Computed only for a broken slot: O(limit) (Floyd's sampling) for any n.
+    """
+    mask = (1 << 63) - 1  # SeedSequence takes non-negative integers
+    rng = np.random.default_rng([seed & mask, epoch & mask, i & mask])
+    draw = rng.choice(n, size=min(n, limit + 1), replace=False)
+    return [int(j) for j in draw if j != i][:limit]
+
+
+def exhausted_message(source: Sequence, i: int, broken: dict[int, str]) -> str:
+    """The one-line DataError of a slot with no readable replacement (`broken`: every file tried, i's first)."""
+    n, root = len(source), getattr(source, "root", None)
+    where = f"in {root}" if root is not None else "in the data source"
+    example = next(iter(broken.values())).splitlines()[0]
+    if len(broken) >= n:
+        return f"all {n} images {where} are unreadable (e.g. {example}): check the files"
+    return (f"image {i} {where} and all {len(broken) - 1} images drawn at random to replace it are unreadable "
+            f"(e.g. {example}): most of its {n} files seem broken; check the data")
+
+
+def note_unreadable(seen: dict[int, str], broken: dict[int, str]) -> None:
+    """Add a batch's broken files to the run's `seen`, warning once for each new one."""
+    for j, why in broken.items():
+        if j not in seen:
+            seen[j] = why
+            log.warning("skipping unreadable image %s", why)
 
 
 class MultiViewDataset(Dataset):
-    """source[i] -> (globals [G,3,S,S], focals [F,3,s,s], label, skipped)."""
+    """source[i] -> (globals [G,3,S,S], focals [F,3,s,s], label, replaced, broken) or an Unusable marker."""
 
-    MAX_REPLACEMENTS = 64
+    MAX_REPLACEMENTS = MAX_REPLACEMENTS
 
     def __init__(self, source: Sequence, recipe: ViewRecipe, seed: int = 0):
         self.source, self.transform, self.seed, self.epoch = source, MultiViewTransform(recipe), seed, 0
+        self.known: dict[int, str] = {}  # unreadable files found earlier in the run: not decoded again
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def _read(self, j: int):
+        """(image | None, label, None | why it is unreadable), with no warning (the main process warns)."""
+        if j in self.known:
+            return None, -1, self.known[j]
+        if hasattr(self.source, "load"):
+            return self.source.load(j)
+        img, label = self.source[j]
+        return img, label, None if img is not None else f"item {j} of the source: no image"
+
     def __getitem__(self, i: int):
-        for skipped in range(self.MAX_REPLACEMENTS):
-            img, label = self.source[(i + skipped) % len(self.source)]
-            if img is not None:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed((self.seed * 1_000_003 + self.epoch * 100_000_007 + i) % (2**63))
-                    g, f = self.transform(img)
-                return g, f, label, skipped
-        raise RuntimeError(f"{self.MAX_REPLACEMENTS} consecutive unreadable images from index {i}: check the data")
+        img, label, why = self._read(i)
+        broken = {}
+        if img is None:
+            broken[i] = why
+            for j in replacements(len(self.source), i, self.seed, self.epoch, self.MAX_REPLACEMENTS):
+                img, label, why = self._read(j)
+                if img is not None:
+                    break
+                broken[j] = why
+            else:
+                return Unusable(exhausted_message(self.source, i, broken))
+        with torch.random.fork_rng(devices=[]):  # the slot's views are seeded by the slot, whatever fills it
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 100_000_007 + i) % (2**63))
+            g, f = self.transform(img)
+        return g, f, label, i in broken, broken
 
 
-def collate(items) -> MultiViewBatch:
+def collate(items) -> MultiViewBatch | Unusable:
+    failed = next((it for it in items if isinstance(it, Unusable)), None)
+    if failed is not None:
+        return failed
     g = torch.stack([it[0] for it in items], dim=1)  # (G, B, 3, S, S)
     f = torch.stack([it[1] for it in items], dim=1)  # (F, B, 3, s, s)
     labels = torch.tensor([it[2] for it in items], dtype=torch.long)
-    return MultiViewBatch(g, f, labels, sum(it[3] for it in items))
+    broken = {j: why for it in items for j, why in it[4].items()}
+    return MultiViewBatch(g, f, labels, sum(it[3] for it in items), broken)
 
 
 class ShardedSampler(Sampler[int]):
@@ -75,11 +153,13 @@ class ShardedSampler(Sampler[int]):
             raise ValueError(f"rank {rank} not in [0, {world})")
         self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
         self.epoch, self.start_batch = 0, 0
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1; got {batch_size}")
         self.batches_per_epoch = (n // world) // batch_size
         if self.batches_per_epoch < 1:
-            raise ValueError(
-                f"{n} images are too few for batch size {batch_size} on {world} process(es); lower data.batch_size"
-            )
+            fix = (f"lower data.batch_size to at most {n // world}" if n >= world else "use fewer processes")
+            raise DataError(f"{n} images are too few for batch size {batch_size} on {world} process(es): one step "
+                            f"needs {batch_size * world}; {fix} or add images")
 
     def set_position(self, epoch: int, batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, batch
@@ -107,11 +187,17 @@ def _ignore_sigint(worker_id: int) -> None:
 
 
 class MultiViewLoader:
-    """Iterable of MultiViewBatch for one process; `set_position(epoch, batch)` before each epoch."""
+    """Iterable of MultiViewBatch for one process; `set_position(epoch, batch)` before each epoch.
+
+    `unreadable` (source index -> "PATH: why") holds every broken file met so far by this loader, each warned about
+    once, when first met; its size is the run's count.
+    """
 
     def __init__(self, source: Sequence, recipe: ViewRecipe, batch_size: int, *, rank: int = 0, world: int = 1,
                  seed: int = 0, num_workers: int = 2, pin_memory: bool = False):
         self.dataset = MultiViewDataset(source, recipe, seed)
+        self.unreadable: dict[int, str] = {}
+        self.dataset.known = self.unreadable  # workers start each epoch with a copy: known files are not re-read
         self.sampler = ShardedSampler(len(source), batch_size, rank, world, seed)
         # A private generator: otherwise every new iterator draws its base seed from the global RNG, which
         # would shift the masks sampled by the trainer and break exact resume.
@@ -128,7 +214,11 @@ class MultiViewLoader:
         self.sampler.set_position(epoch, batch)
 
     def __iter__(self) -> Iterator[MultiViewBatch]:
-        return iter(self.loader)
+        for batch in self.loader:
+            if isinstance(batch, Unusable):
+                raise DataError(batch.message)
+            note_unreadable(self.unreadable, batch.broken)
+            yield batch
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -1,8 +1,9 @@
 """Image sources: an image folder (with or without class sub-folders) and the embedded digits.
 
 A source is a sequence of (PIL RGB image | None, label) pairs; None means the file could not be
-decoded, and the loader skips and counts it. Odd modes (greyscale, palette, CMYK, 16-bit, alpha)
-are converted to 8-bit RGB here, so every view pipeline sees the same input.
+decoded, and the loader replaces it, names it once and counts it once. `ImageFolder.load(i)` says why,
+without a warning (the loaders warn from the main process, once per file per run). Odd modes (greyscale,
+palette, CMYK, 16-bit, alpha) are converted to 8-bit RGB here, so every view pipeline sees the same input.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 
 class DataError(ValueError):
-    """A data source cannot be used (missing, empty, no images). The message names the path."""
+    """A data source cannot be used (missing, empty, no readable images, too few for a batch). One line; names the
+    path or the counts and says what to do."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -42,24 +44,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def read_image(path: str) -> Image.Image:
+    """Decode `path` to 8-bit RGB; raises (an OSError, a PIL error, ...) if the file is broken."""
+    if os.path.getsize(path) == 0:
+        raise OSError("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()  # a truncated file fails here, not later in a worker's transform
+            out = to_rgb(img)
+    if min(out.size) < 1:
+        raise OSError(f"degenerate size {out.size}")
+    return out
+
+
 def load_image(path: str) -> Image.Image | None:
     """Decode `path` to RGB, or return None (with a warning naming the file) if it is broken."""
     try:
-        if os.path.getsize(path) == 0:
-            raise OSError("empty file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()  # a truncated file fails here, not later in a worker's transform
-                out = to_rgb(img)
-        if min(out.size) < 1:
-            raise OSError(f"degenerate size {out.size}")
-        return out
+        return read_image(path)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         log.warning("skipping unreadable image %s: %s", path, e)
         return None
-
-
 
 
 class ImageFolder(Sequence):
@@ -100,8 +105,18 @@ class ImageFolder(Sequence):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[Image.Image | None, int]:
+        img, label, why = self.load(i)
+        if why is not None:
+            log.warning("skipping unreadable image %s", why)
+        return img, label
+
+    def load(self, i: int) -> tuple[Image.Image | None, int, str | None]:
+        """(image, label, None), or (None, label, "PATH: why it is unreadable") with no warning."""
         path, label = self.samples[i]
-        return load_image(path), label
+        try:
+            return read_image(path), label, None
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+            return None, label, f"{path}: {e}"
 
     def labels(self) -> np.ndarray:
         return np.array([label for _, label in self.samples])

@@ -9,6 +9,8 @@ only torch and triton, so the kernels can be reused alone.
 from __future__ import annotations
 
 import functools
+import math
+import operator
 import os
 
 import torch
@@ -83,3 +85,23 @@ def check_dtype(op: str, name: str, t: torch.Tensor, allowed: tuple[torch.dtype,
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {names}")
+
+
+def check_finite(op: str, name: str, value, positive: bool = False) -> None:
+    """A scalar argument must be a finite real number (and > 0 with `positive`); ValueError otherwise."""
+    try:
+        ok = math.isfinite(value) and (value > 0 or not positive)
+    except TypeError:  # not a real number
+        ok = False
+    if not ok:
+        raise ValueError(f"{op}: {name} must be a finite number{' > 0' if positive else ''}; got {value!r}")
+
+
+def check_int(op: str, name: str, value, minimum: int) -> None:
+    """A count argument must be an integer (int, numpy integer; not a float) >= minimum; ValueError otherwise."""
+    try:
+        ok = operator.index(value) >= minimum
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{op}: {name} must be an integer >= {minimum}; got {value!r}")

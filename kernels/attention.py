@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import check_dtype, check_same_device, interpreting, next_power_of_2, resolve_backend
+from ._utils import check_dtype, check_finite, check_same_device, interpreting, next_power_of_2, resolve_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
@@ -265,16 +265,39 @@ def _attention_bwd_dq_kernel(
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 
-def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_dtype("attention (triton)", name, t, SUPPORTED_DTYPES)
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None, kernel: bool = False) -> None:
+    """Checks shared by every backend, so a bad input fails alike whichever runs; `kernel` adds the Triton limits."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
-            f"attention (triton): head dim {q.shape[-1]} is not supported; choose one of {SUPPORTED_HEAD_DIMS} "
-            "or use backend='torch'"
+            "attention: expected q, k, v of shape [B, H, N, D]; "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"attention: mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+            "(need equal B, H, D and k.shape == v.shape)"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_dtype("attention", name, t, SUPPORTED_DTYPES + (torch.float64,))
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    check_same_device("attention", q=q, k=k, v=v)
+    if q.shape[-1] == 0:
+        raise ValueError(f"attention: head dim D = 0 (q {tuple(q.shape)}); need D >= 1")
+    # Zero queries: an empty output. Zero keys: a softmax over nothing (SDPA gives zeros, the kernel 0/0).
     if k.shape[2] == 0:
-        raise ValueError("attention (triton): k and v need at least one token (N >= 1)")
+        raise ValueError(f"attention: k and v have shape {tuple(k.shape)}: Nkv = 0 keys, need Nkv >= 1 "
+                         "(a softmax over zero keys is undefined)")  # fmt: skip
+    if scale is not None:
+        check_finite("attention", "scale", scale)
+    if kernel:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            check_dtype("attention (triton)", name, t, SUPPORTED_DTYPES)
+        if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(
+                f"attention (triton): head dim {q.shape[-1]} is not supported; choose one of {SUPPORTED_HEAD_DIMS} "
+                "or use backend='torch'"
+            )
 
 
 def _check_buffer(name: str, buf: Tensor, shape: tuple[int, ...], like: Tensor, dtype=None) -> None:
@@ -311,7 +334,7 @@ def attention_fwd(
     and lse [B, H, Nq] fp32 contiguous, the row log-sum-exp of q kᵀ·scale in base 2 (log2 units).
     Accumulation is fp32.
     """
-    _check_triton_inputs(q, k, v)
+    _check_inputs(q, k, v, scale, kernel=True)
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
@@ -350,7 +373,7 @@ def attention_bwd(
     from fp32 accumulators: Delta = rowsum(O·dO), then one kernel per key block (dK, dV) and one
     per query block (dQ), so every output element is written by exactly one program (deterministic).
     """
-    _check_triton_inputs(q, k, v)
+    _check_inputs(q, k, v, scale, kernel=True)
     _check_buffer("do", do, q.shape, q)
     _check_buffer("out", out, q.shape, q)
     _check_buffer("lse", lse, q.shape[:3], q, torch.float32)
@@ -360,8 +383,8 @@ def attention_bwd(
     dq, dk, dv = (_empty_bhnd(t) if g is None else g for t, g in ((q, dq), (k, dk), (v, dv)))
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         _check_buffer(name, buf, like.shape, like)
-    if q.numel() == 0:
-        return dq, dk, dv
+    if q.numel() == 0:  # no queries: nothing flows back to the keys
+        return dq, dk.zero_(), dv.zero_()
     block_d, precision = next_power_of_2(d), _dot_precision(q)
     delta = torch.empty_like(lse)
     _attention_bwd_preprocess_kernel[(triton.cdiv(n_q, _PRE_BLOCK_M), b * h)](
@@ -411,13 +434,7 @@ def _(q, k, v, scale):
 
 @torch.library.custom_op("msn_fast::attention_bwd", mutates_args=())
 def _attention_bwd_op(
-    do: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    scale: float,
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     return attention_bwd(do, q, k, v, out, lse, scale)
 
@@ -443,22 +460,6 @@ def _backward(ctx, d_out, d_lse):
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            "attention: expected q, k, v of shape [B, H, N, D]; "
-            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"attention: mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-            "(need equal B, H, D and k.shape == v.shape)"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    check_same_device("attention", q=q, k=k, v=v)
-
-
 def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     try:
         import xformers.ops as xops
@@ -475,19 +476,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, ba
     """Non-causal attention, softmax(q kᵀ · scale) v, differentiable in q, k and v.
 
     Args:
-        q: [B, H, Nq, D]; k, v: [B, H, Nkv, D]; one dtype (fp32, fp16 or bf16), one device, any strides.
-        scale: defaults to D ** -0.5.
+        q: [B, H, Nq, D]; k, v: [B, H, Nkv, D]; one dtype (fp32, fp16 or bf16; fp64 on the torch backends),
+            one device, any strides. Nkv >= 1; Nq = 0 gives an empty output (and zero dK, dV).
+        scale: a finite number; defaults to D ** -0.5.
         backend: "auto" (Triton on CUDA, SDPA elsewhere; also SDPA where the Triton kernel does not
             apply: fp64, head dims outside 32/64/80/96/128), "triton", "torch" (SDPA), "eager", "xformers".
     Returns:
         [B, H, Nq, D] in the input dtype; softmax statistics and products are accumulated in fp32.
+        A bad input raises ValueError (TypeError for a dtype) naming it, alike for every backend.
     """
-    _check_inputs(q, k, v)
+    _check_inputs(q, k, v, scale)
     if backend == "auto" and (q.dtype not in SUPPORTED_DTYPES or q.shape[-1] not in SUPPORTED_HEAD_DIMS):
         backend = "torch"
     backend = resolve_backend(backend, q, "attention", extra=("eager", "xformers"))
     if backend == "triton":
-        _check_triton_inputs(q, k, v)
+        _check_inputs(q, k, v, scale, kernel=True)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         return _attention_fwd_op(q, k, v, scale)[0]
     if backend == "eager":

@@ -277,9 +277,10 @@ def embed_kept_patches(
             int32 or int64; None keeps all N patches in order.
         cls_token: optional [D] or [1, 1, D] row written as out[:, 0] (already including its position
             embedding); the output is then [B, 1 + K, D], which saves the caller a torch.cat.
-        validate: check indices in range and unique per sample: a sort + ONE host sync. Pass False in the
-            training step (masks are correct by construction); an out-of-range index then gives a NaN
-            row in the Triton backend, never an out-of-bounds read.
+        validate: check indices in range and unique per sample (IndexError / ValueError, any backend): a sort
+            + ONE host sync. Pass False in the training step (masks are correct by construction); the caller
+            then guarantees 0 <= keep_idx < N, or the result is undefined (a NaN row in the Triton backend,
+            never an out-of-bounds read; see `gather_tokens`).
         backend: "auto" (Triton on CUDA / under the interpreter, torch elsewhere), "triton" or "torch".
             Under torch.autocast the Triton path casts images, weight and bias to the autocast dtype.
     Returns:
@@ -306,6 +307,8 @@ def embed_kept_patches(
     d, patch = weight.shape[0], weight.shape[-1]
     if weight.shape[1] != c:
         raise ValueError(f"{op}: images have {c} channels but weight {tuple(weight.shape)} expects {weight.shape[1]}")
+    if d == 0:
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} has D = 0 output channels; need D >= 1")
     if weight.shape[2] != patch:
         raise ValueError(f"{op}: patches must be square; weight is {tuple(weight.shape)}")
     if h < patch or w < patch:

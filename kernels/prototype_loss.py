@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import prototype_loss_triton as tri
-from ._utils import check_dtype, check_same_device, resolve_backend
+from ._utils import check_dtype, check_finite, check_int, check_same_device, resolve_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -137,8 +137,14 @@ def msn_prototype_loss_ref(
     return loss, stats
 
 
-def _check_inputs(anchor, target, prototypes, num_views) -> None:
+def _check_inputs(anchor, target, prototypes, num_views, tau, sharpen, me_max_weight, sinkhorn_iters) -> None:
     op = "msn_prototype_loss"
+    # Scalars first: a bad one gives NaN in torch and a ZeroDivisionError in the Triton launcher.
+    check_int(op, "num_views", num_views, 1)
+    check_finite(op, "tau", tau, positive=True)
+    check_finite(op, "sharpen", sharpen, positive=True)
+    check_finite(op, "me_max_weight", me_max_weight)
+    check_int(op, "sinkhorn_iters", sinkhorn_iters, 0)
     for name, t in (("anchor", anchor), ("target", target), ("prototypes", prototypes)):
         if t.dim() != 2:
             raise ValueError(f"{op}: {name} must be 2-D [rows, dim]; got shape {tuple(t.shape)}")
@@ -149,7 +155,15 @@ def _check_inputs(anchor, target, prototypes, num_views) -> None:
             f"{op}: embedding dims differ: anchor {tuple(anchor.shape)}, target {tuple(target.shape)}, "
             f"prototypes {tuple(prototypes.shape)}"
         )
-    if num_views < 1 or anchor.shape[0] != num_views * target.shape[0]:
+    if anchor.shape[1] == 0:
+        raise ValueError(f"{op}: embedding dim is 0 (anchor {tuple(anchor.shape)}); need d >= 1")
+    if prototypes.shape[0] == 0:
+        raise ValueError(f"{op}: prototypes has shape {tuple(prototypes.shape)}; need K >= 1 prototypes")
+    if anchor.shape[0] == 0 or target.shape[0] == 0:  # the means over rows would be 0/0
+        raise ValueError(
+            f"{op}: empty batch: anchor {tuple(anchor.shape)}, target {tuple(target.shape)}; need at least one row"
+        )
+    if anchor.shape[0] != num_views * target.shape[0]:
         raise ValueError(
             f"{op}: anchor has {anchor.shape[0]} rows but num_views={num_views} x {target.shape[0]} target rows "
             f"= {num_views * target.shape[0]} (anchor rows are view-major: [view 0 batch; view 1 batch; ...])"
@@ -243,17 +257,19 @@ def msn_prototype_loss(
         anchor: [V*B, d] anchor embeddings, view-major (rows v*B..v*B+B-1 are view v); fp32/bf16/fp16.
         target: [B, d] target embeddings (no gradient flows to them or, through them, to the prototypes).
         prototypes: [K, d] learned prototypes (fp32 parameter); normalised on the fly.
-        num_views: V, the number of anchor views per target.
-        tau: anchor temperature; sharpen: T, so targets use temperature tau*T.
-        me_max_weight: λ of the mean-entropy regulariser; sinkhorn_iters: 0 turns Sinkhorn off.
+        num_views: V >= 1, the number of anchor views per target (B >= 1, K >= 1, d >= 1).
+        tau: anchor temperature; sharpen: T, so targets use temperature tau*T (both finite and > 0).
+        me_max_weight: λ (finite) of the mean-entropy regulariser; sinkhorn_iters: >= 0, 0 turns Sinkhorn off.
         process_group: the group whose anchors form the batch for ME-MAX and Sinkhorn (default: world).
         backend: "auto" (Triton on CUDA tensors, torch otherwise), "triton" (the fused kernels; on a CPU
             only under TRITON_INTERPRET=1), "torch" (`msn_prototype_loss_ref`).
     Returns:
         (scalar loss, LossStats); gradients come back in the inputs' dtypes. All maths in fp32
         whatever the input dtype (fp64 inputs: fp64). The Triton path never syncs with the host.
+    Raises:
+        ValueError (TypeError for a dtype) naming the bad argument, for every backend alike.
     """
-    _check_inputs(anchor, target, prototypes, num_views)
+    _check_inputs(anchor, target, prototypes, num_views, tau, sharpen, me_max_weight, sinkhorn_iters)
     backend = resolve_backend(backend, anchor, "msn_prototype_loss")
     kwargs = dict(num_views=num_views, tau=tau, sharpen=sharpen, me_max_weight=me_max_weight,
                   sinkhorn_iters=sinkhorn_iters, process_group=process_group)

@@ -231,10 +231,12 @@ def gather_tokens(
         tokens: [B, N, D] fp32/fp16/bf16, any strides (e.g. `x[:, 1:]` to skip a CLS row, without a copy).
         keep_idx: [K] shared by the batch or [B, K] per sample, int32 or int64, values in [0, N).
         pos_embed: None, or [N, D] / [1, N, D] of any float dtype (patch positions only, no CLS slot).
-        validate: check that indices are in range and unique per sample (a sort + ONE host sync; pass False
-            in a hot loop whose indices are correct by construction). Without it, an out-of-range index
-            gives a NaN row in the Triton backend (never an out-of-bounds read), and a duplicate index
-            makes the Triton gradient of `tokens` keep only one of the duplicated rows' gradients.
+        validate: True (default) checks the values for every backend, at the cost of a sort and ONE host sync:
+            an index < 0 or >= N raises IndexError, a duplicate within a sample ValueError. With False (a hot
+            loop whose indices are correct by construction) the CALLER guarantees 0 <= keep_idx < N and
+            uniqueness per sample; otherwise the result is undefined: the Triton kernel masks the read (an
+            out-of-range row comes out NaN, never an out-of-bounds access), torch wraps negative shared indices
+            or raises (a device-side assert on CUDA), and a duplicate keeps one row's gradient in Triton.
         backend: "auto" (Triton on CUDA / under the interpreter, torch elsewhere), "triton" or "torch".
     Returns:
         [B, K, D] in tokens' dtype; the position embedding is added in fp32 and rounded once.

@@ -1,17 +1,32 @@
-"""Checkpoints that resume exactly, on any number of processes.
+"""Checkpoints that resume exactly, on any number of processes, and that nothing can lose or hijack.
 
-Layout: <out_dir>/checkpoints/step_000123/ holds the model (student, target, prototypes, BN buffers) and
+Layout: <out_dir>/checkpoints/step_0000123/ holds the model (student, target, prototypes, BN buffers) and
 the optimizer as torch.distributed.checkpoint (DCP) shards, so a checkpoint written by N processes
-(FSDP shards) loads on M; `meta.pt` (step, data position, config; loaded with weights_only=True) and
-`rng_<rank>.pt` sit beside them. A step directory counts only once `<out_dir>/checkpoints/latest`
-names it; that pointer is replaced atomically after every file is written and synced, so a run killed
-mid-write (even by SIGKILL) leaves the previous checkpoint as `latest`.
+(FSDP shards) loads on M; `rng_<rank>.pt` and `meta.pt` (step, data position, config, process count)
+sit beside them. `checkpoints/latest` names the step to resume from.
+
+Commit protocol (a SIGKILL at any point leaves the previous checkpoint loadable; tests/test_faults.py):
+  1. every process writes into `checkpoints/.partial_step_0000123/` (removed first if a killed save left it);
+  2. rank 0 syncs the files and renames the folder to `step_0000123` (atomic; a complete folder only ever
+     appears under a step name), then replaces `latest` atomically (write, fsync, rename);
+  3. only then are older steps beyond the newest `keep` removed, never the one `latest` names.
+A step that is already committed is not written again (a signal on a checkpoint step, a resumed finished run).
+On resume, a `latest` that names a missing or incomplete folder falls back to the newest complete step,
+with a warning naming both.
+
+Loading is safe on folders from untrusted sources: `meta.pt` and `rng_<rank>.pt` are read with
+`torch.load(weights_only=True)`, DCP's `.metadata` (a pickle) through an unpickler that admits only DCP's
+metadata classes, and DCP's non-tensor entries with weights_only=True, so a crafted file is a
+`CheckpointError` and never runs code.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import pathlib
+import pickle
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -20,21 +35,27 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 log = logging.getLogger(__name__)
 
 FORMAT = "msn-fast/2"
-KEEP = 2  # completed checkpoints kept on disk
+PARTIAL = ".partial_"  # prefix of a step folder being written; never loaded
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or not an msn-fast checkpoint; the message names the path."""
+    """A checkpoint is missing, truncated, unsafe or not an msn-fast checkpoint; the message names the path."""
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _barrier() -> None:
@@ -42,11 +63,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (so a rename inside it survives a crash of the machine)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -58,61 +81,229 @@ def _quiet():
         yield
 
 
+# --- safe reading ---------------------------------------------------------------------------------------------
+
+
+def _allowed_global(module: str, name: str):
+    """The objects DCP's `.metadata` pickle may name: its metadata classes and a few torch value types."""
+    if module == dcp_metadata.__name__:
+        obj = getattr(dcp_metadata, name, None)
+        if isinstance(obj, type) and obj.__module__ == module:
+            return obj
+    if module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo":
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        return _StorageInfo
+    if module == "torch":
+        obj = getattr(torch, name, None)
+        if name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+            return obj
+    if module == "torch.serialization" and name == "_get_layout":
+        return torch.serialization._get_layout
+    if module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+        return getattr(pathlib, name)
+    if (module, name) == ("collections", "OrderedDict"):
+        import collections
+        return collections.OrderedDict
+    return None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        obj = _allowed_global(module, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not a DCP metadata type)")
+        return obj
+
+
+def read_dcp_metadata(path: str | os.PathLike):
+    """Unpickle a DCP `.metadata` file admitting only DCP's metadata classes. Raises CheckpointError."""
+    try:
+        with open(path, "rb") as fh:
+            md = _MetadataUnpickler(fh).load()
+    except Exception as e:
+        raise CheckpointError(f"checkpoint metadata {path} is unsafe or corrupt: {e}") from None
+    if not isinstance(md, dcp_metadata.Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise CheckpointError(f"checkpoint metadata {path} is not DCP metadata (got {type(md).__name__})")
+    return md
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file-system reader with `.metadata` read by the restricted unpickler."""
+
+    def read_metadata(self, *args, **kwargs):
+        md = read_dcp_metadata(self._get_metadata_path(kwargs.get("rank")))
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = dcp_metadata.StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, but a non-tensor entry must load with `weights_only=True` before DCP unpickles it."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn} is unsafe or corrupt: "
+                                  f"{str(e).splitlines()[0][:200]}") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def _load_small(path: Path, what: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path.parent} has no {path.name} ({what})") from None
+    except Exception as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated, corrupt or unsafe): {first[:200]}") \
+            from None
+
+
+# --- finding a checkpoint -------------------------------------------------------------------------------------
+
+
+def _step_of(p: Path) -> int | None:
+    name = p.name
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
+def incomplete_reason(step_dir: Path) -> str | None:
+    """Why `step_dir` is not a complete msn-fast checkpoint, or None if it is one (cheap: no tensors read)."""
+    if not step_dir.is_dir():
+        return "it does not exist"
+    try:
+        meta = _load_small(step_dir / "meta.pt", "step, data position and config")
+    except CheckpointError as e:
+        return str(e)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return f"it is not an msn-fast checkpoint (format {FORMAT})"
+    if not (step_dir / ".metadata").is_file():
+        return "its DCP .metadata is missing"
+    missing = [r for r in range(int(meta.get("world", 1))) if not (step_dir / f"rng_{r}.pt").is_file()]
+    if missing:
+        return f"rng_{missing[0]}.pt is missing"
+    return None
+
+
+def _complete_steps(root: Path) -> list[Path]:
+    """Complete step folders under checkpoints/, oldest first."""
+    if not root.is_dir():
+        return []
+    steps = sorted((s, p) for p in root.iterdir() if (s := _step_of(p)) is not None and p.is_dir())
+    return [p for _, p in steps if incomplete_reason(p) is None]
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The step directory to load from a run directory, its checkpoints/ directory or a step directory; None if
+    there is no checkpoint at all. A broken `latest` falls back to the newest complete step (warned)."""
+    path = Path(path)
+    if (path / "meta.pt").is_file() and not (path / "latest").exists():
+        return path  # a step directory
+    for root in (path / "checkpoints", path):
+        pointer = root / "latest"
+        complete = _complete_steps(root)
+        if not pointer.is_file():
+            if complete:
+                log.warning("%s is missing; using %s, the newest complete checkpoint", pointer, complete[-1])
+                return complete[-1]
+            continue
+        named = root / pointer.read_text().strip()
+        why = incomplete_reason(named)
+        if why is None:
+            return named
+        if not complete:
+            raise CheckpointError(f"{pointer} names {named.name}, which is incomplete ({why}), and no complete "
+                                  f"checkpoint is left in {root}")
+        log.warning("%s names %s, which is incomplete (%s); using %s, the newest complete checkpoint", pointer,
+                    named.name, why, complete[-1].name)
+        return complete[-1]
+    return None
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """Like find_checkpoint, but no checkpoint at all is a CheckpointError."""
+    found = find_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"no msn-fast checkpoint at {path} (expected checkpoints/latest or meta.pt)")
+    return found
+
+
+# --- saving ---------------------------------------------------------------------------------------------------
+
+
 def save_checkpoint(out_dir: str | os.PathLike, *, model, optimizer, step: int, epoch: int, batch_in_epoch: int,
-                    config: dict, extra: dict | None = None) -> Path:
-    """Collective on every process: write step_<step>/ and point `latest` at it. Returns the step directory."""
+                    config: dict, extra: dict | None = None, keep: int = 2) -> Path:
+    """Collective on every process: commit step_<step>/ and point `latest` at it (the protocol above); keep the
+    newest `keep` complete steps. A step already committed is left as it is. Returns the step directory."""
+    if keep < 1:
+        raise ValueError(f"keep={keep}: at least one checkpoint must be kept")
     root = Path(out_dir) / "checkpoints"
     path = root / f"step_{step:07d}"
+    if incomplete_reason(path) is None:
+        if _rank() == 0 and (not (root / "latest").is_file() or (root / "latest").read_text().strip() != path.name):
+            _point_latest(root, path)
+        _barrier()
+        log.info("checkpoint %s is already committed; not written again", path)
+        return path
+    partial = root / f"{PARTIAL}{path.name}"
     rank = _rank()
     if rank == 0:
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
+        if partial.exists():
+            shutil.rmtree(partial)  # left by a killed save: never committed
+        partial.mkdir(parents=True)
     _barrier()
     with _quiet():
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save(rng, path / f"rng_{rank}.pt")
-    if rank == 0:
-        torch.save({"format": FORMAT, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                    "config": config, "extra": extra or {}}, path / "meta.pt")
+    torch.save(rng, partial / f"rng_{rank}.pt")
     _barrier()
     if rank == 0:
-        _fsync_dir(path)
-        tmp = root / "latest.tmp"
-        tmp.write_text(path.name)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, root / "latest")  # the commit point
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
+        torch.save({"format": FORMAT, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                    "world": _world(), "config": config, "extra": extra or {}}, partial / "meta.pt")
+        for f in partial.iterdir():
+            _fsync(f)
+        _fsync(partial)
+        if path.exists():  # an incomplete folder under the step's name (a crash of an older version)
+            stale = root / f"{PARTIAL}stale_{path.name}"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(path, stale)
+        os.rename(partial, path)
+        _fsync(root)
+        _point_latest(root, path)
+        _prune(root, path, keep)
     _barrier()
     return path
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """A run directory, its checkpoints/ directory or a step directory -> the step directory to load."""
-    path = Path(path)
-    for root in (path / "checkpoints", path):
-        pointer = root / "latest"
-        if pointer.is_file():
-            step_dir = root / pointer.read_text().strip()
-            if not step_dir.is_dir():
-                raise CheckpointError(f"{pointer} names {step_dir}, which does not exist")
-            return step_dir
-    if (path / "meta.pt").is_file():
-        return path
-    raise CheckpointError(f"no msn-fast checkpoint at {path} (expected checkpoints/latest or meta.pt)")
+def _point_latest(root: Path, path: Path) -> None:
+    tmp = root / "latest.tmp"
+    tmp.write_text(path.name)
+    _fsync(tmp)
+    os.replace(tmp, root / "latest")  # the commit point
+    _fsync(root)
+
+
+def _prune(root: Path, current: Path, keep: int) -> None:
+    """Remove leftovers of killed saves and the complete steps older than the newest `keep`, except `current`."""
+    for p in root.iterdir():
+        if p.name.startswith(PARTIAL) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    others = [p for p in _complete_steps(root) if p != current]
+    for old in others[:max(0, len(others) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- loading --------------------------------------------------------------------------------------------------
 
 
 def load_meta(path: str | os.PathLike) -> dict:
     """Step, data position and config of a checkpoint (no tensors are loaded)."""
     step_dir = resolve(path)
-    try:
-        meta = torch.load(step_dir / "meta.pt", map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {step_dir / 'meta.pt'} is unreadable (truncated or corrupt?): {e}") from e
+    meta = _load_small(step_dir / "meta.pt", "step, data position and config")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{step_dir} is not an msn-fast checkpoint (format {FORMAT})")
     return meta
@@ -122,6 +313,10 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer=None) -> dict:
     """Collective: load model (and optimizer) state in place, restore this rank's RNG; returns the meta dict."""
     step_dir = resolve(path)
     meta = load_meta(step_dir)
+    meta["path"] = str(step_dir)
+    rng_file = step_dir / f"rng_{_rank()}.pt"
+    rng = _load_small(rng_file, "this process's RNG state") if rng_file.is_file() else None
+    read_dcp_metadata(step_dir / ".metadata")  # checked here for a clean error; DCP reads it again safely
     try:
         with _quiet():
             if optimizer is not None:
@@ -129,7 +324,7 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer=None) -> dict:
                 state = {"model": model_sd, "optim": optim_sd}
             else:
                 state = {"model": model.state_dict()}
-            dcp.load(state, checkpoint_id=str(step_dir))
+            dcp.load(state, storage_reader=SafeReader(str(step_dir)), planner=SafeLoadPlanner())
             if optimizer is not None:
                 set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
             else:
@@ -137,16 +332,40 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer=None) -> dict:
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        inner = _inner_checkpoint_error(e)
+        if inner is not None:
+            raise inner from None
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise CheckpointError(f"checkpoint {step_dir} could not be loaded (corrupt, truncated or from another "
                               f"model?): {(lines[-1] if lines else type(e).__name__)[:300]}") from e
-    rng_file = step_dir / f"rng_{_rank()}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+    if rng is not None:
+        if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), torch.Tensor)):
+            raise CheckpointError(f"checkpoint {rng_file} is not an RNG state")
         torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
+        if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return meta
+
+
+def _inner_checkpoint_error(e: BaseException) -> CheckpointError | None:
+    """DCP wraps errors raised on each rank in a CheckpointException; find ours inside it."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, CheckpointError):
+            return CheckpointError(str(x))
+        failures = getattr(x, "_failures", None) or getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            for v in failures.values():
+                stack.append(v[0] if isinstance(v, tuple) else v)
+        for nxt in (x.__cause__, x.__context__):
+            if nxt is not None:
+                stack.append(nxt)
+    return None
 
 
 def load_model(path: str | os.PathLike, device="cpu"):

@@ -1,8 +1,8 @@
 """Run configuration: nested dataclasses, one per concern, every field overridable from the CLI.
 
 `python -m msn_fast.train --model vit_l7 --optim.lr 5e-4 --data.path DIR` starts from the named
-recipe (msn_fast/recipes.py) and overrides fields with typed, dotted flags (parsed by tyro, which
-reads the attribute docstrings below for `--help`). The resolved config is written to
+recipe (msn_fast/recipes.py) and overrides fields with typed, dotted flags (parsed by msn_fast/cli.py,
+which reads the attribute docstrings below for `--help`). The resolved config is written to
 `<run.out_dir>/config.json`.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 
@@ -119,6 +120,18 @@ class LossConfig:
     backend: str = "auto"
     """loss backend: auto | triton | torch"""
 
+    def __post_init__(self):
+        for name in ("tau", "sharpen"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"loss.{name}={v} must be a finite number > 0 (it divides the logits)")
+        if not math.isfinite(self.me_max_weight) or self.me_max_weight < 0:
+            raise ValueError(f"loss.me_max_weight={self.me_max_weight} must be a finite number >= 0")
+        if self.sinkhorn_iters < 0:
+            raise ValueError(f"loss.sinkhorn_iters={self.sinkhorn_iters} must be >= 0")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"loss.backend={self.backend!r}: choose auto, triton or torch")
+
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
@@ -198,6 +211,16 @@ class RunConfig:
     """continue from the latest checkpoint in <out_dir>/checkpoints if there is one"""
     max_bad_steps: int = 10
     """stop after this many consecutive non-finite losses (each is skipped and counted)"""
+    keep_checkpoints: int = 2
+    """complete checkpoints kept on disk (the newest ones; at least 1)"""
+
+    def __post_init__(self):
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"run.checkpoint_every={self.checkpoint_every} must be >= 1")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"run.max_bad_steps={self.max_bad_steps} must be >= 1")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -107,7 +107,20 @@ def _drop_classes(src: ImageFolder, exclude: set[str]) -> ImageFolder:
 
 
 def load_splits(data: str | os.PathLike, exclude: list[str] | None = None) -> tuple[ImageFolder, ImageFolder, str]:
-    """(train source, test source, description) of DIR in either layout; raises DataError on leaks."""
+    """(train source, test source, description) of DIR in either layout; raises DataError on leaks.
+
+    The description counts the image files listed; `evaluate` reports those actually read (see data_summary)."""
+    train, test, layout = find_splits(data, exclude)
+    return train, test, data_summary(layout, len(train), len(test), len(set(train.labels())))
+
+
+def data_summary(layout: str, n_train: int, n_test: int, n_classes: int, unreadable: int = 0) -> str:
+    skipped = f" ({unreadable} unreadable skipped)" if unreadable else ""
+    return f"{layout}: {n_train} train / {n_test} test images{skipped}, {n_classes} classes"
+
+
+def find_splits(data: str | os.PathLike, exclude: list[str] | None = None) -> tuple[ImageFolder, ImageFolder, str]:
+    """(train source, test source, layout) of DIR in either layout; raises DataError on leaks."""
     root = Path(data)
     exclude_set = set(["BACKGROUND_Google"] if exclude is None else exclude)
     if not root.is_dir():
@@ -157,8 +170,7 @@ def load_splits(data: str | os.PathLike, exclude: list[str] | None = None) -> tu
     missing = sorted({train.classes[c] for c in set(test.labels()) - set(train.labels())})
     if missing:
         log.warning("test classes with no training image (never predicted): %s", ", ".join(missing[:5]))
-    n_cls = len(set(train.labels()))
-    return train, test, f"{layout}: {len(train)} train / {len(test)} test images, {n_cls} classes"
+    return train, test, layout
 
 
 # --- features -------------------------------------------------------------------------------------------
@@ -314,7 +326,7 @@ def evaluate(args) -> dict:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device} but no CUDA device is available")
 
-    train, test, data_desc = load_splits(args.data, args.exclude_class)
+    train, test, layout = find_splits(args.data, args.exclude_class)
     cfg, trunk, name = load_encoder(args, device)
     name = args.name or name
     size = args.img_size or cfg.data.global_size
@@ -326,12 +338,17 @@ def evaluate(args) -> dict:
     else:
         fn, spec = trunk.extract_features, {"kind": "cls-prenorm", "weights": _digest_tensors(trunk.state_dict())}
     cache = None if args.no_cache else Path(args.cache)
-    feats, cached = {}, {}
+    feats, cached, unreadable = {}, {}, {}
     for split, src in (("train", train), ("test", test)):
         x, y, cached[split] = features_via_pixels(fn, spec, src, tf, size, split, cache, device, args.batch_size)
-        feats[split] = (x, y)
+        feats[split], unreadable[split] = (x, y), len(src) - len(y)  # extraction leaves unreadable files out
+        if not len(y):
+            raise DataError(f"all {len(src)} {split} images of {args.data} are unreadable")
     t_feat = time.perf_counter() - t0
     (xtr, ytr), (xte, yte) = feats["train"], feats["test"]
+    data_desc = data_summary(layout, len(ytr), len(yte), len(np.unique(ytr)), sum(unreadable.values()))
+    if any(unreadable.values()):
+        log.warning("%d train and %d test images are unreadable: left out", unreadable["train"], unreadable["test"])
     log.info("features %s: train %s, test %s (%s; %.0f s)", name, xtr.shape, xte.shape,
              "from the cache" if all(cached.values()) else "extracted", t_feat)
 
@@ -350,7 +367,8 @@ def evaluate(args) -> dict:
     return {
         "features": name, "data": data_desc, "img_size": size, "feature_dim": int(xtr.shape[1]),
         "num_classes": int(len(np.unique(ytr))), "chance": float(1.0 / len(np.unique(ytr))),
-        "train_images": int(len(ytr)), "test_images": int(len(yte)), "draws": args.draws, "seed": args.seed,
+        "train_images": int(len(ytr)), "test_images": int(len(yte)), "unreadable_images": unreadable,
+        "draws": args.draws, "seed": args.seed,
         "reg": args.reg, "features_cached": cached,
         "seconds": {"features": round(t_feat, 1), "total": round(elapsed, 1)},
         "results": {r.name: r.to_dict() for r in results}, "_results": results,

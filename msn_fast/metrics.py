@@ -9,12 +9,24 @@ import time
 from pathlib import Path
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, not the stream of the first call (a caller
+    that redirects or captures stderr after setup, e.g. a notebook or a test, still gets the lines)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(rank: int = 0, log_file: str | Path | None = None) -> None:
     root = logging.getLogger("msn_fast")
     root.handlers.clear()
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(fmt)
     root.addHandler(handler)
     if log_file is not None and rank == 0:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from msn_fast.dataloading import DataError, ViewRecipe, build_dali_loader, build_loader, dali_available
 
-from .checkpoint import CheckpointError, load_checkpoint, resolve, save_checkpoint
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from .cli import UsageError, apply_overrides, help_text
 from .config import Config, to_dict, to_json
 from .distributed import all_reduce_grad_mean, init_distributed
@@ -47,11 +48,12 @@ log = logging.getLogger("msn_fast.train")
 
 
 class StopRequested(BaseException):
-    """SIGTERM or SIGINT arrived. A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it."""
+    """SIGTERM or SIGINT arrived. A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it.
+    The trainer exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as a shell would."""
 
-    def __init__(self, signame: str, save: bool):
+    def __init__(self, signame: str, save: bool, signum: int = signal.SIGTERM):
         super().__init__(signame)
-        self.signame, self.save = signame, save
+        self.signame, self.save, self.signum = signame, save, int(signum)
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,7 +84,7 @@ def parse_config(argv: list[str]) -> Config:
     return apply_overrides(cfg, rest)
 
 
-def stop_agreed(stop: list[str], device: torch.device) -> bool:
+def stop_agreed(stop: list[tuple[str, int]], device: torch.device) -> bool:
     """Whether any process has been asked to stop; all processes agree, so they checkpoint at the same step."""
     flag = bool(stop)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -96,16 +98,22 @@ def train_step(model: MSN, batch, optimizer, sched: Schedules, step: int, cfg: C
     """One optimisation step; returns its metrics, or None when the loss was not finite (step skipped).
 
     The finiteness check is the step's one host sync; every process takes the same decision because the
-    loss is computed from all-reduced terms.
+    loss is computed from all-reduced terms. A skipped step changes no state: the forward's BatchNorm
+    updates (running statistics of student and target heads) are undone, and nothing else has been touched
+    yet (no backward, optimizer step or EMA). The RNG has advanced (the next step draws new masks).
     """
     lr, wd = sched.lr(step), sched.wd(step)
     for g in optimizer.param_groups:
         g["lr"] = lr
         if g["apply_wd"]:
             g["weight_decay"] = wd
+    buffers = [b for b in model.buffers() if b.numel()]
+    before = [b.clone() for b in buffers]
     loss, stats = model.loss(batch.globals, batch.focals)
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss).item():
+        for b, old in zip(buffers, before):
+            b.copy_(old)
         return None
     loss.backward()
     all_reduce_grad_mean(model.prototypes)
@@ -124,14 +132,66 @@ def train_step(model: MSN, batch, optimizer, sched: Schedules, step: int, cfg: C
             "lr": lr, "wd": wd, "momentum": momentum}
 
 
+def non_finite_state(model: MSN, device: torch.device) -> list[str]:
+    """Names of the parameters and buffers holding a NaN or inf (all processes agree); [] when all are finite."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    bad = [n for n, t in named if t.is_floating_point()
+           and not bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all())]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([float(bool(bad))], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not bad:
+            bad = ["a tensor on another process"]
+    return bad
+
+
+def last_good(out: Path) -> str:
+    """The divergence advice: names the checkpoint to go back to only when there is one."""
+    try:
+        found = find_checkpoint(out)
+    except CheckpointError:
+        found = None
+    if found is None:
+        return "No checkpoint was saved before it; restart, perhaps with a lower --optim.lr."
+    return f"The last good checkpoint is {found} (resume with --run.resume true, perhaps with a lower --optim.lr)."
+
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "train.log", "lowshot.json", "config.json", "tb")
+
+
+def set_aside_previous_run(out: Path) -> Path | None:
+    """A fresh run in a folder holding an earlier run's checkpoints or metrics moves that run's files to
+    <out>/previous-<time>/, so nothing is overwritten or mixed in. Returns that folder, or None."""
+    present = [out / name for name in RUN_FILES if (out / name).exists()]
+    if not any(p.name in ("checkpoints", "metrics.jsonl") for p in present):
+        return None
+    dest = out / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = out / f"previous-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    dest.mkdir()
+    for p in present:
+        os.rename(p, dest / p.name)
+    return dest
+
+
 def train(cfg: Config) -> Path:
     info = init_distributed("cuda" if cfg.run.device.startswith("cuda") or (
         cfg.run.device == "auto" and torch.cuda.is_available()) else "cpu")
     out = Path(cfg.run.out_dir)
+    setup_logging(info.rank)
+    found = find_checkpoint(out) if cfg.run.resume else None  # a broken `latest` is warned about here
+    set_aside = None
     if info.is_main:
+        if found is None:
+            set_aside = set_aside_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(to_json(cfg))
     setup_logging(info.rank, out / "train.log" if info.is_main else None)
+    if set_aside is not None:
+        log.warning("%s held an earlier run: its files were moved to %s (continue a run with --run.resume true)",
+                    out, set_aside)
     device = resolve_device(cfg.run.device, info)
     torch.manual_seed(cfg.run.seed)
 
@@ -167,26 +227,30 @@ def train(cfg: Config) -> Path:
              d.focal_size, cfg.mask.ratio)
 
     step = 0
-    if cfg.run.resume and (out / "checkpoints" / "latest").is_file():
-        meta = load_checkpoint(out, model=model, optimizer=optimizer)
+    if found is not None:
+        meta = load_checkpoint(found, model=model, optimizer=optimizer)
         step = meta["step"]
-        log.info("resumed from %s at step %d", resolve(out), step)
+        log.info("resumed from %s at step %d", found, step)
     step0 = step
 
     def save() -> None:
+        bad_tensors = non_finite_state(model, device)
+        if bad_tensors:
+            raise TrainingDiverged(f"the model state is not finite ({', '.join(bad_tensors[:3])}); not saved. "
+                                   + last_good(out))
         path = save_checkpoint(out, model=model, optimizer=optimizer, step=step, epoch=step // ipe,
-                               batch_in_epoch=step % ipe, config=to_dict(cfg))
+                               batch_in_epoch=step % ipe, config=to_dict(cfg), keep=cfg.run.keep_checkpoints)
         log.info("checkpoint %s", path)
 
-    stop: list[str] = []
+    stop: list[tuple[str, int]] = []  # (signal name, number) of the first signal
 
     def on_signal(signum, frame):
         """First signal: finish the current step, save, exit. Before any step is done, or on a second signal:
         stop at once (a step interrupted half-way is not saved; the previous checkpoint stays)."""
         name = signal.Signals(signum).name
         if stop or step == step0:
-            raise StopRequested(name, save=False)
-        stop.append(name)
+            raise StopRequested(name, save=False, signum=signum)
+        stop.append((name, signum))
         log.warning("%s received: finishing step %d, then saving a checkpoint (send it again to stop now)", name,
                     step + 1)
 
@@ -202,7 +266,7 @@ def train(cfg: Config) -> Path:
             loader.set_position(epoch, start)
             for batch in loader:
                 batch = batch.to(device)
-                skipped_images += batch.skipped
+                skipped_images = len(loader.unreadable)  # distinct unreadable files met so far in this process
                 m = train_step(model, batch, optimizer, sched, step, cfg)
                 step += 1
                 if m is None:
@@ -211,16 +275,16 @@ def train(cfg: Config) -> Path:
                     log.warning("non-finite loss at step %d: step skipped (%d in a row, %d in total)", step, bad,
                                 logger.skipped)
                     if bad >= cfg.run.max_bad_steps:
-                        raise TrainingDiverged(f"{bad} consecutive non-finite losses at step {step}; stopping. The "
-                                           f"last good checkpoint is {out / 'checkpoints'} (resume with "
-                                           "--run.resume true, perhaps with a lower --optim.lr)")
+                        raise TrainingDiverged(f"{bad} consecutive non-finite losses at step {step}; stopping. "
+                                               + last_good(out))
                 else:
                     bad = 0
                     logger.log(step, epoch, m, skipped_images, first=step == step0 + 1)
                 if step % cfg.run.checkpoint_every == 0 and step < total and bad == 0:  # never mid-streak
                     save()
                 if stop_agreed(stop, device):
-                    raise StopRequested(stop[0] if stop else "a signal on another process", save=True)
+                    name, signum = stop[0] if stop else ("a signal on another process", signal.SIGTERM)
+                    raise StopRequested(name, save=True, signum=signum)
                 if step >= total:
                     break
     except StopRequested as e:
@@ -231,14 +295,14 @@ def train(cfg: Config) -> Path:
         else:
             log.warning("stopped by %s during step %d; not saved (the last checkpoint, if any, is intact)", e.signame,
                         step + 1)
-        raise KeyboardInterrupt from None
+        raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         torch.set_num_threads(threads_before)  # the loader is done: evaluation gets every core
     logger.close()
     save()
-    log.info("training done: %d steps; %d unreadable images skipped; %d non-finite steps skipped", step - step0,
+    log.info("training done: %d steps; %d unreadable image(s) skipped; %d non-finite step(s) skipped", step - step0,
              skipped_images, logger.skipped)
 
     if cfg.run.eval_lowshot and info.world == 1 and eval_train is not None and eval_test is not None:
@@ -257,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except StopRequested as e:
+        return 128 + e.signum
     except KeyboardInterrupt:
         return 130
     finally:

@@ -123,3 +123,108 @@ def test_digits_split_is_disjoint_and_stratified():
 
 def test_load_image_missing_file_returns_none(tmp_path):
     assert load_image(str(tmp_path / "nope.jpg")) is None
+
+
+# --- data errors are one DataError line; broken files are warned about and counted once ---------------------
+
+def test_too_few_images_for_the_batch_is_one_line_data_error(folder):
+    with pytest.raises(DataError) as e:
+        ShardedSampler(5, 4, rank=0, world=2)
+    msg = str(e.value)
+    assert "\n" not in msg and "5 images" in msg and "batch size 4" in msg and "2 process" in msg
+    assert "at most 2" in msg  # what to do
+    with pytest.raises(DataError, match="12 images are too few for batch size 16 on 1 process"):
+        build_loader(ImageFolder(folder), RECIPE, batch_size=16, num_workers=0)
+
+
+def _broken_folder(root, n):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"{i:03d}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return root
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_folder_of_only_broken_files_is_one_data_error(tmp_path, num_workers):
+    d = _broken_folder(tmp_path / "bad", 21)
+    loader = build_loader(ImageFolder(d), RECIPE, batch_size=4, num_workers=num_workers)
+    with pytest.raises(DataError) as e:
+        next(iter(loader))
+    assert type(e.value) is DataError  # not a worker's wrapped traceback
+    msg = str(e.value)
+    assert msg.startswith(f"all 21 images in {d} are unreadable") and "\n" not in msg, msg
+
+
+def test_mostly_broken_large_folder_is_one_data_error(tmp_path):
+    d = _broken_folder(tmp_path / "bad", 80)  # more files than replacement tries: checked lazily
+    with pytest.raises(DataError) as e:
+        next(iter(build_loader(ImageFolder(d), RECIPE, batch_size=4, num_workers=0)))
+    msg = str(e.value)
+    assert "all 64 images drawn at random to replace it are unreadable" in msg and "\n" not in msg, msg
+
+
+def _mixed_folder(root, n_good, n_bad):
+    rng = np.random.default_rng(2)
+    for i in range(n_good):
+        _write(root / "c" / f"{i:02d}.png", rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))
+    for i in range(n_bad):
+        (root / "c" / f"{i:02d}_broken.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_broken_file_is_warned_once_and_counted_once_per_run(tmp_path, caplog, num_workers):
+    src = ImageFolder(_mixed_folder(tmp_path / "d", 8, 2))
+    loader = build_loader(src, RECIPE, batch_size=5, num_workers=num_workers)  # every file, every epoch
+    skipped = 0
+    with caplog.at_level("WARNING"):
+        for epoch in range(3):
+            loader.set_position(epoch)
+            skipped += sum(b.skipped for b in loader)
+    assert skipped == 6  # each batch still counts the slots it had to fill: 2 per epoch
+    broken = [p for p, _ in src.samples if p.endswith("_broken.jpg")]
+    for p in broken:
+        named = [r for r in caplog.records if p in r.getMessage()]
+        assert len(named) == 1 and "skipping unreadable image" in named[0].getMessage(), named
+    assert sorted(src.samples[j][0] for j in loader.unreadable) == sorted(broken)  # the run's count: 2
+
+
+class _Numbered(torch.utils.data.Dataset):
+    """In-memory source: image j is a flat grey j, label j; the indices in `broken` give no image."""
+
+    def __init__(self, n, broken):
+        self.n, self.broken = n, set(broken)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, j):
+        img = None if j in self.broken else Image.fromarray(np.full((8, 8, 3), j, np.uint8))
+        return img, j
+
+
+def test_replacement_is_drawn_at_random_and_the_same_for_any_worker_count():
+    from msn_fast.dataloading.loader import replacements
+
+    n, bad = 30, 7
+    src = _Numbered(n, [bad])
+    recipe = ViewRecipe(global_size=8, focal_size=4, num_focal=1)
+    a = build_loader(src, recipe, batch_size=10, num_workers=0, seed=5)
+    b = build_loader(src, recipe, batch_size=10, num_workers=2, seed=5)
+    used = []
+    for epoch in range(4):
+        a.set_position(epoch)
+        b.set_position(epoch)
+        batches_a, batches_b = list(a), list(b)
+        for x, y in zip(batches_a, batches_b):
+            assert torch.equal(x.labels, y.labels) and torch.equal(x.globals, y.globals)
+        order = a.sampler.indices()
+        labels = torch.cat([x.labels for x in batches_a]).tolist()
+        if bad in order:
+            used.append(labels[order.index(bad)])
+            assert used[-1] == replacements(n, bad, 5, epoch)[0]  # seeded by (seed, epoch, index)
+    assert used and bad + 1 not in used  # not the alphabetical neighbour
+    draws = [(i, replacements(n, i, 0, e)[0]) for i in range(n) for e in range(20)]
+    assert sum(j == (i + 1) % n for i, j in draws) < 0.1 * len(draws)  # uniform over the others: about 1/29
+    assert len(replacements(n, 3, 0, 0)) == n - 1 and 3 not in replacements(n, 3, 0, 0)
+    assert len(replacements(10**6, 3, 0, 0)) == 64

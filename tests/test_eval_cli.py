@@ -228,6 +228,27 @@ def test_cli_msn_fast_run_directory(tmp_path, capsys):
     assert x.shape == (6, 32)
 
 
+def test_cli_counts_only_the_images_it_read(tmp_path, capsys):
+    root = _folder_dataset(tmp_path / "d")  # 18 train / 12 test images, plus 3 broken files
+    for rel in ("train/c0/broken.png", "train/c1/empty.jpg", "test/c2/trunc.png"):
+        (root / rel).write_bytes(b"" if rel.endswith(".jpg") else b"\x89PNG\r\n\x1a\n broken")
+    args = ["--raw-pixels", "--data", root, "--model", "vit_tiny", "--shots", "1", "--fractions", "--draws", "1",
+            "--knn-k", "0", "--cache", tmp_path / "cache"]
+    for i in range(2):  # extracted, then from the cache (where the broken files are not read at all)
+        rc, out, err = _run(capsys, *args, "--out", tmp_path / f"r{i}.json")
+        assert rc == 0, err
+        assert "18 train / 12 test images (3 unreadable skipped), 3 classes" in out.splitlines()[0], out
+        rep = json.loads((tmp_path / f"r{i}.json").read_text())
+        assert rep["train_images"] == 18 and rep["test_images"] == 12
+        assert rep["unreadable_images"] == {"train": 2, "test": 1}
+    for p in (root / "test").rglob("*.png"):
+        p.write_bytes(b"")
+    rc, out, err = _run(capsys, *args[:-2], "--no-cache")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # warnings may precede it
+    assert rc == 2 and errors == [f"error: all 13 test images of {root} are unreadable"], err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--raw-pixels", "--data", "/nonexistent/x"], "does not exist"),
     (["--data", "."], "give --checkpoint"),

@@ -83,8 +83,8 @@ def test_lowshot_report_written(tmp_path):
 
 
 def test_image_folder_training(tmp_path, capfd):
-    """A broken file in the folder is skipped, counted and named: with the batch as large as the
-    folder, each step reads every file once, so the count after step s is exactly s."""
+    """A broken file in the folder is skipped, counted and named once per run: with the batch as large as
+    the folder, each step meets the broken file, and the count of distinct unreadable files stays 1."""
     rng = np.random.default_rng(0)
     data = tmp_path / "imgs"
     for c in ("a", "b"):
@@ -96,11 +96,11 @@ def test_image_folder_training(tmp_path, capfd):
     args = TINY + ["--data.batch_size", "9", "--run.max_steps", "2", "--data.path", str(data), "--run.out_dir",
                    str(out), "--run.eval_lowshot", "false"]
     assert main(args) == 0
-    assert [m["skipped_images"] for m in _metrics(out)] == [1, 2]
+    assert [m["skipped_images"] for m in _metrics(out)] == [1, 1]
     err = capfd.readouterr().err.splitlines()
-    named = [line for line in err if "skipping unreadable image" in line]
-    assert len(named) == 2 and all(str(data / "a" / "broken.jpg") in line for line in named), named
-    assert any("2 unreadable images skipped" in line for line in err)
+    named = [line for line in err if "unreadable image" in line and "broken.jpg" in line]
+    assert len(named) == 1 and str(data / "a" / "broken.jpg") in named[0], err
+    assert any("1 unreadable image(s) skipped" in line for line in err)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -122,6 +122,15 @@ def test_checkpoint_errors(tmp_path):
     (["--optim.lr", "fast"], "--optim.lr expects float; got 'fast'"),
     (["--optim.lrr", "1"], "unknown option --optim.lrr; did you mean --optim.lr?"),
     (["--mask.ratio", "1.2"], "mask.ratio=1.2 must be in [0, 1)"),
+    (["--loss.tau", "0"], "loss.tau=0.0 must be a finite number > 0"),
+    (["--loss.tau", "-0.1"], "loss.tau=-0.1 must be a finite number > 0"),
+    (["--loss.tau", "nan"], "loss.tau=nan must be a finite number > 0"),
+    (["--loss.sharpen", "0"], "loss.sharpen=0.0 must be a finite number > 0"),
+    (["--loss.me_max_weight", "-1"], "loss.me_max_weight=-1.0 must be a finite number >= 0"),
+    (["--loss.sinkhorn_iters", "-1"], "loss.sinkhorn_iters=-1 must be >= 0"),
+    (["--loss.backend", "cuda"], "loss.backend='cuda': choose auto, triton or torch"),
+    (["--run.keep_checkpoints", "0"], "run.keep_checkpoints=0 must be >= 1"),
+    (["--run.checkpoint_every", "0"], "run.checkpoint_every=0 must be >= 1"),
 ])
 def test_bad_input_is_one_clear_line(args, message, capsys):
     assert main(args) == 2

@@ -7,6 +7,7 @@ reference is at most twice plain torch's same-dtype error plus a floor (tests/co
 """
 
 import importlib
+import re
 import warnings
 
 import pytest
@@ -298,13 +299,59 @@ def test_errors():
         attention(m, m, m, backend="triton")
     with pytest.raises(ValueError, match="unknown backend"):
         attention(q, q, q, backend="flash")
-    with pytest.raises(ValueError, match="N >= 1"):
-        attention(q, q[:, :, :0], q[:, :, :0], backend="triton")
     with pytest.raises(ValueError, match="out buffer"):
         attention_fwd(q, q, q, out=torch.empty(1, 2, 13, 64, dtype=torch.float16, device=DEVICE))
     with pytest.raises(ValueError, match="contiguous"):
         attention_fwd(q, q, q, lse=torch.empty(1, 13, 2, device=DEVICE).transpose(1, 2))
     assert SUPPORTED_HEAD_DIMS == (32, 64, 80, 96, 128)
+
+
+def _error_of(fn) -> Exception:
+    with pytest.raises(Exception) as err:
+        fn()
+    return err.value
+
+
+_X = (1, 2, 13, 64)
+# Inputs every backend must reject with the same error: (q, k, v, scale, exception, match).
+BAD_INPUTS = {
+    "int64": (torch.ones(_X, dtype=torch.int64),) * 3 + (None, TypeError, r"attention: q has dtype int64; expected"),
+    "bool": (torch.ones(_X, dtype=torch.bool),) * 3 + (None, TypeError, r"attention: q has dtype bool; expected"),
+    "int_k": (torch.ones(_X), torch.ones(_X, dtype=torch.int32), torch.ones(_X), None, TypeError,
+              r"attention: k has dtype int32; expected"),
+    "zero_keys": (torch.ones(_X), torch.ones(1, 2, 0, 64), torch.ones(1, 2, 0, 64), None, ValueError,
+                  r"k and v have shape \(1, 2, 0, 64\): Nkv = 0 keys, need Nkv >= 1"),
+    "zero_head_dim": (torch.ones(1, 2, 13, 0),) * 3 + (None, ValueError, r"head dim D = 0 \(q \(1, 2, 13, 0\)\)"),
+    "scale_nan": (torch.ones(_X),) * 3 + (float("nan"), ValueError, r"scale must be a finite number; got nan"),
+    "scale_inf": (torch.ones(_X),) * 3 + (float("inf"), ValueError, r"scale must be a finite number; got inf"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager", "triton", "auto"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_fail_alike_on_every_backend(case, backend):
+    *qkv, scale, exc, match = BAD_INPUTS[case]
+    q, k, v = (t.to(DEVICE) for t in qkv)
+    err = _error_of(lambda: attention(q, k, v, scale=scale, backend=backend))
+    assert isinstance(err, exc) and re.search(match, str(err)) and "\n" not in str(err), repr(err)
+    # One shared check: the message is the same whichever backend runs.
+    assert str(err) == str(_error_of(lambda: attention(q, k, v, scale=scale, backend="torch")))
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager", "triton"])
+def test_zero_queries_give_an_empty_output_and_zero_key_grads(backend):
+    q, k, v = (_rand((2, 2, n, 64), torch.float32) for n in (0, 13, 13))
+    out, dq, dk, dv = _grads(lambda *x: attention(*x, backend=backend), q, k, v, torch.ones_like(q))
+    assert out.shape == (2, 2, 0, 64) and dq.shape == q.shape
+    assert torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(v))
+
+
+def test_zero_queries_launcher_zeroes_given_key_grad_buffers():
+    q, k = _rand((1, 2, 0, 64), torch.float32), _rand((1, 2, 5, 64), torch.float32)
+    out, lse = attention_fwd(q, k, k)
+    poison = [torch.full_like(k, float("nan")) for _ in range(2)]
+    _, dk, dv = attention_bwd(torch.empty_like(q), q, k, k, out, lse, dk=poison[0], dv=poison[1])
+    assert torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(k))
 
 
 @pytest.mark.parametrize("N,D,dtype", [(197, 64, torch.bfloat16), (37, 80, torch.float16)])

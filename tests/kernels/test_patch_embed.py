@@ -208,15 +208,18 @@ ERRORS = {
     "cls_in_pos": (_bad(pos_embed=torch.zeros(1, 10, 32, device=DEVICE)), ValueError, "CLS"),
     "pos_shape": (_bad(pos_embed=torch.zeros(1, 9, 16, device=DEVICE)), ValueError, "pos_embed"),
     "bias_shape": (_bad(bias=torch.zeros(31, device=DEVICE)), ValueError, "bias"),
-}
+    "no_channels_out": (_bad(weight=torch.zeros(0, 3, 8, 8, device=DEVICE), bias=None, pos_embed=None), ValueError,
+                        r"weight \(0, 3, 8, 8\) has D = 0 output channels"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_errors(case, backend):
     args, exc, match = ERRORS[case]
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match) as err:
         embed_kept_patches(**args, backend=backend)
+    assert "\n" not in str(err.value)
 
 
 def test_unknown_backend():

@@ -8,6 +8,7 @@ p̄ and Sinkhorn sums reproduce one process holding the whole batch. `gpu` tests
 
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -226,6 +227,63 @@ def test_input_errors():
         loss(wide, wide, wide, num_views=1, backend="triton")
     with pytest.raises(ValueError, match="power of two"):
         _triton(block_m=3)(anchor, target, protos, num_views=2)
+
+
+
+def _raises_one_line(exc, match, fn):
+    """fn() raises exc whose message matches `match` and is a single line."""
+    with pytest.raises(exc, match=match) as err:
+        fn()
+    assert "\n" not in str(err.value), str(err.value)
+
+
+NAN, INF = float("nan"), float("inf")
+# Each bad scalar gave NaN (torch) or a ZeroDivisionError (Triton), or a loss for a nonsensical value.
+BAD_SCALARS = {
+    "tau_zero": ("tau", 0.0, "finite number > 0"),
+    "tau_negative": ("tau", -0.1, "finite number > 0"),
+    "tau_nan": ("tau", NAN, "finite number > 0"),
+    "tau_inf": ("tau", INF, "finite number > 0"),
+    "sharpen_zero": ("sharpen", 0.0, "finite number > 0"),
+    "sharpen_negative": ("sharpen", -0.25, "finite number > 0"),
+    "sharpen_nan": ("sharpen", NAN, "finite number > 0"),
+    "sharpen_inf": ("sharpen", INF, "finite number > 0"),
+    "me_max_nan": ("me_max_weight", NAN, "finite number"),
+    "me_max_inf": ("me_max_weight", -INF, "finite number"),
+    "sinkhorn_negative": ("sinkhorn_iters", -1, "integer >= 0"),
+    "sinkhorn_float": ("sinkhorn_iters", 1.5, "integer >= 0"),
+    "views_zero": ("num_views", 0, "integer >= 1"),
+    "views_float": ("num_views", 2.0, "integer >= 1"),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
+@pytest.mark.parametrize("case", list(BAD_SCALARS))
+def test_bad_hyperparameters_raise_before_dispatch(case, backend):
+    name, value, rule = BAD_SCALARS[case]
+    anchor, target, protos = _inputs(2, 3, 16, 8)
+    kw = {"num_views": 2, name: value}
+    _raises_one_line(ValueError, rf"msn_prototype_loss: {name} must be an? {rule}; got {re.escape(repr(value))}$",
+                     lambda: pl.msn_prototype_loss(anchor, target, protos, backend=backend, **kw))  # fmt: skip
+
+
+# (anchor rows, target rows, prototypes, embedding dim) -> what the message names.
+BAD_SHAPES = {
+    "empty_batch": ((0, 8), (0, 8), (16, 8), r"empty batch: anchor \(0, 8\), target \(0, 8\)"),
+    "empty_anchor": ((0, 8), (3, 8), (16, 8), r"empty batch: anchor \(0, 8\), target \(3, 8\)"),
+    "no_prototypes": ((6, 8), (3, 8), (0, 8), r"prototypes has shape \(0, 8\); need K >= 1"),
+    "zero_dim": ((6, 0), (3, 0), (16, 0), r"embedding dim is 0 \(anchor \(6, 0\)\)"),
+    "views_mismatch": ((5, 8), (3, 8), (16, 8), r"anchor has 5 rows but num_views=2 x 3 target rows"),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
+@pytest.mark.parametrize("case", list(BAD_SHAPES))
+def test_bad_shapes_raise_alike(case, backend):
+    a_shape, t_shape, p_shape, match = BAD_SHAPES[case]
+    anchor, target, protos = (torch.randn(s, dtype=F64, device=DEVICE) for s in (a_shape, t_shape, p_shape))
+    _raises_one_line(ValueError, "msn_prototype_loss: " + match,
+                     lambda: pl.msn_prototype_loss(anchor, target, protos, num_views=2, backend=backend))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ two processes, gloo

@@ -101,15 +101,18 @@ def test_out_of_range_without_validation_gives_nan_rows():
     assert y[1, 0].isnan().all() and not y[0].isnan().any() and not y[1, 1].isnan().any()
 
 
-ERRORS = {
-    "out_of_range": (torch.tensor([0, 5]), None, IndexError, "out of range"),
-    "negative": (torch.tensor([[0, 1], [-1, 2]]), None, IndexError, "out of range"),
+ERRORS = {  # validate=True (the default): the values are checked whichever backend runs
+    "out_of_range": (torch.tensor([0, 5]), None, IndexError, r"keep_idx out of range: values in \[0, 5\].*\[0, 5\)"),
+    "out_of_range_per_sample": (torch.tensor([[0, 1], [2, 9]], dtype=torch.int32), None, IndexError,
+                                r"keep_idx out of range: values in \[0, 9\]"),
+    "negative": (torch.tensor([[0, 1], [-1, 2]]), None, IndexError, r"keep_idx out of range: values in \[-1, 2\]"),
+    "negative_shared": (torch.tensor([-3, 1]), None, IndexError, r"keep_idx out of range: values in \[-3, 1\]"),
     "duplicate": (torch.tensor([[0, 1], [3, 3]]), None, ValueError, "duplicate"),
     "float_idx": (torch.tensor([0.0]), None, TypeError, "keep_idx"),
     "idx_shape": (torch.zeros(1, 2, 2, dtype=torch.int32), None, ValueError, "keep_idx must be"),
     "cls_in_pos": (torch.tensor([0]), torch.zeros(1, 6, 8), ValueError, "CLS"),
     "pos_shape": (torch.tensor([0]), torch.zeros(5, 4), ValueError, "pos_embed"),
-}
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
@@ -117,8 +120,9 @@ ERRORS = {
 def test_errors(case, backend):
     idx, pos, exc, match = ERRORS[case]
     tokens = torch.zeros(2, 5, 8, device=DEVICE)
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match) as err:
         gather_tokens(tokens, idx.to(DEVICE), None if pos is None else pos.to(DEVICE), backend=backend)
+    assert "\n" not in str(err.value)
 
 
 def test_bad_tokens():
