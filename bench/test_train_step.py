@@ -193,7 +193,8 @@ class StepHarness:
             for h in hooks:
                 h.remove()
         tok = self.tokens(ratio)
-        assert metrics is not None and math.isfinite(metrics["loss"]), f"{self.name} r={ratio}: loss {metrics}"
+        loss = float(metrics.terms[0])
+        assert bool(metrics.ok) and math.isfinite(loss), f"{self.name} r={ratio}: loss {loss}"
         # block 0 runs: target view (target encoder), then the anchor and the focal views (student)
         assert sorted(seen) == sorted([tok["target"], tok["anchor"], tok["focal_view"]]), (seen, tok)
         s_new, t_new = _local(s_param).detach(), _local(t_param).detach()

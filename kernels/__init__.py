@@ -1,8 +1,8 @@
 """msn_fast.kernels: Triton kernels for ViT training, each with a torch fallback.
 
-Importable with only torch and triton installed, so other ViT projects can depend on it alone.
-Every public function takes `backend="auto" | "triton" | "torch"`: "auto" runs Triton on CUDA
-tensors and torch elsewhere.
+Importable with only torch (and triton, where installed: Linux), so other ViT projects can depend
+on it alone. Every public function takes `backend="auto" | "triton" | "torch"`: "auto" runs Triton
+on CUDA tensors when Triton is installed and torch otherwise; "triton" without it is a RuntimeError.
 """
 
 from .attention import attention, attention_ref

@@ -2,8 +2,11 @@
 
 Every public op in `msn_fast.kernels` takes `backend="auto" | "triton" | "torch"` (attention also
 "xformers"). "auto" means Triton on a CUDA tensor and the torch implementation otherwise (also under the
-Triton interpreter: tests ask for backend="triton" explicitly). This module imports
-only torch and triton, so the kernels can be reused alone.
+Triton interpreter: tests ask for backend="triton" explicitly). This module imports only torch and,
+when it is installed, triton (setup.py installs it on Linux only): the kernel modules take `triton` and
+`tl` from here, stand-ins where Triton is missing, so the package imports everywhere and the torch
+backends serve. Under TRITON_INTERPRET=1 it also fixes the interpreter's bf16 `tl.dot` (see
+`install_interpreter_bf16_dot_fix`).
 """
 
 from __future__ import annotations
@@ -12,25 +15,135 @@ import functools
 import math
 import operator
 import os
+import types
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
 
 
-@functools.cache
+def missing_triton_message(op: str) -> str:
+    return (
+        f"msn_fast.kernels: {op} needs Triton, which is not installed (pip install triton; Linux only); "
+        "use backend='torch'"
+    )
+
+
+class _MissingKernel:
+    """What `@triton.jit` gives without Triton: the module imports, and launching it raises."""
+
+    def __init__(self, fn) -> None:
+        functools.update_wrapper(self, fn)
+        self.op = fn.__name__.strip("_").removesuffix("_kernel")  # _attention_fwd_kernel -> attention_fwd
+
+    def __getitem__(self, grid) -> "_MissingKernel":
+        return self
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(missing_triton_message(self.op))
+
+
+class _MissingConfig:
+    """`triton.Config` without Triton: holds the fields the config lists read (kwargs, num_warps, ...)."""
+
+    def __init__(self, kwargs, num_warps: int = 4, num_stages: int = 3, **options) -> None:
+        self.kwargs, self.num_warps, self.num_stages = dict(kwargs), num_warps, num_stages
+        self.__dict__.update(options)
+
+
+class _MissingLanguage(types.ModuleType):
+    """`triton.language` without Triton: every attribute (tl.constexpr, tl.float32, ...) is a placeholder."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return types.SimpleNamespace(name=f"triton.language.{name} (Triton is not installed)")
+
+
+def _missing_jit(fn=None, **options):
+    return _MissingKernel(fn) if fn is not None else _missing_jit  # @triton.jit or @triton.jit(...)
+
+
+def _missing_decorator(*args, **kwargs):
+    return lambda kernel: kernel  # triton.autotune(...), triton.heuristics(...)
+
+
+def _missing_triton() -> tuple[types.ModuleType, types.ModuleType]:
+    tl = _MissingLanguage("triton.language")
+    stub = types.ModuleType("triton", "Stand-in for Triton, which is not installed: kernels import, launches raise.")
+    stub.__dict__.update(
+        jit=_missing_jit,
+        autotune=_missing_decorator,
+        heuristics=_missing_decorator,
+        Config=_MissingConfig,
+        cdiv=lambda a, b: -(-a // b),
+        language=tl,
+    )
+    return stub, tl
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # ImportError (macOS, Windows), or a broken install on an odd platform
+    triton, tl = _missing_triton()
+    HAS_TRITON = False
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install on an odd platform
-        return False
-    return True
+    return HAS_TRITON
 
 
 def interpreting() -> bool:
     """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---- interpreter bf16 tl.dot -------------------------------------------------------------------
+# The interpreter stores bf16 as uint16 bit patterns and its tl.dot multiplies those integers
+# (triton#11584): every bf16 kernel test would compare garbage. The fix upcasts bf16 dot operands to
+# fp32 first, which is exact (a bf16 is the top half of an fp32), so the kernel's own fp32
+# accumulation is what runs. GPUs are untouched: it patches only the interpreter's builder, and only
+# under TRITON_INTERPRET=1 (a testing mode). Where a Triton version lacks the patch point, bf16
+# launches through the public ops raise instead (resolve_backend).
+_bf16_dot_fix_error: str | None = None
+
+
+def install_interpreter_bf16_dot_fix() -> bool:
+    """Patch the interpreter's tl.dot for bf16 operands; idempotent. False (and why, kept for the
+    error) where this Triton's interpreter lacks InterpreterBuilder.create_dot or TensorHandle."""
+    global _bf16_dot_fix_error
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+
+        builder, handle, bf16 = interpreter.InterpreterBuilder, interpreter.TensorHandle, interpreter.tl.bfloat16
+        original = builder.create_dot
+    except Exception as e:  # no triton, or interpreter internals renamed in this version
+        _bf16_dot_fix_error = f"{type(e).__name__}: {e}"
+        return False
+    if getattr(original, "_msn_bf16_fix", False):
+        return True
+
+    def upcast(t):
+        if getattr(t, "dtype", None) == bf16:
+            return handle((t.data.astype(np.uint32) << 16).view(np.float32), interpreter.tl.float32)
+        return t
+
+    @functools.wraps(original)
+    def create_dot(self, a, b, *args, **kwargs):
+        return original(self, upcast(a), upcast(b), *args, **kwargs)
+
+    create_dot._msn_bf16_fix = True
+    builder.create_dot = create_dot
+    _bf16_dot_fix_error = None
+    return True
+
+
+if HAS_TRITON and interpreting():  # at kernel import, as Triton itself reads TRITON_INTERPRET then
+    install_interpreter_bf16_dot_fix()
 
 
 def resolve_backend(backend: str, x: torch.Tensor, op: str, extra: tuple[str, ...] = ()) -> str:
@@ -47,11 +160,16 @@ def resolve_backend(backend: str, x: torch.Tensor, op: str, extra: tuple[str, ..
         return "triton" if x.is_cuda and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError(f"{op}: backend='triton' requested but triton is not installed")
+            raise RuntimeError(missing_triton_message(op))
         if not (x.is_cuda or (interpreting() and x.device.type == "cpu")):
             raise RuntimeError(
                 f"{op}: backend='triton' needs CUDA tensors (got device {x.device}); "
                 "on a CPU use backend='torch', or set TRITON_INTERPRET=1 before importing msn_fast to test kernels"
+            )
+        if interpreting() and x.dtype == torch.bfloat16 and not install_interpreter_bf16_dot_fix():
+            raise RuntimeError(
+                f"{op}: bf16 under the Triton interpreter needs msn_fast's tl.dot fix, which does not apply to "
+                f"triton {triton.__version__} ({_bf16_dot_fix_error}); use float32, or backend='torch'"
             )
     return backend
 

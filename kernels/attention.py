@@ -16,11 +16,18 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from ._utils import check_dtype, check_finite, check_same_device, interpreting, next_power_of_2, resolve_backend
+from ._utils import (
+    check_dtype,
+    check_finite,
+    check_same_device,
+    interpreting,
+    next_power_of_2,
+    resolve_backend,
+    tl,
+    triton,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from ._utils import check_dtype, check_same_device, next_power_of_2, resolve_backend
+from ._utils import check_dtype, check_same_device, next_power_of_2, resolve_backend, tl, triton
 from .token_gather import check_keep_idx, check_pos_embed, gather_rows, pos_embed_grad
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

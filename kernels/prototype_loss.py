@@ -130,7 +130,8 @@ def msn_prototype_loss_ref(
     stats = LossStats(
         ce=ce.detach(),
         me_max=me_max.detach(),
-        num_targets=torch.unique(q.argmax(dim=1)).numel() * torch.ones((), device=q.device),
+        # distinct argmax prototypes, counted on the device (torch.unique would wait for it)
+        num_targets=torch.zeros(k, device=q.device).index_fill_(0, q.argmax(dim=1), 1.0).sum(),
         max_target_prob=q.max(dim=1).values.mean().detach(),
     )
     assert vb == num_views * b

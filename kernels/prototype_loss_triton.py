@@ -16,10 +16,8 @@ keeps them exact).
 import math
 
 import torch
-import triton
-import triton.language as tl
 
-from ._utils import interpreting, next_power_of_2
+from ._utils import interpreting, next_power_of_2, tl, triton
 
 MAX_COLS = 32768  # a whole row of prototypes (or of embedding features) lives in one tile
 # The kernels hard-code F.normalize's eps, 1e-12: x / max(‖x‖, eps).

@@ -10,10 +10,8 @@ index checks and the position-embedding gradient that both ops share live here.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from ._utils import check_dtype, check_same_device, next_power_of_2, resolve_backend
+from ._utils import check_dtype, check_same_device, next_power_of_2, resolve_backend, tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)

@@ -63,6 +63,24 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def on_rank0(fn):
+    """fn() run by rank 0 alone, its result (or CheckpointError) given to every process, so that all take the
+    same path even where they would see a shared file system differently (NFS attribute caches)."""
+    if _world() == 1:
+        return fn()
+    box = [None]
+    if _rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except CheckpointError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
+
+
 def _fsync(path: Path) -> None:
     """Flush a file, or a folder's entries (so a rename inside it survives a crash of the machine)."""
     fd = os.open(path, os.O_RDONLY)
@@ -107,12 +125,37 @@ def _allowed_global(module: str, name: str):
     return None
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+def _buildable() -> tuple[type, ...]:
+    """The types whose instances a pickle may fill in (BUILD): DCP's metadata records and paths, never a class."""
+    import collections
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    records = tuple(obj for obj in vars(dcp_metadata).values()
+                    if isinstance(obj, type) and obj.__module__ == dcp_metadata.__name__)
+    return records + (_StorageInfo, pathlib.PurePath, collections.OrderedDict)
+
+
+class _MetadataUnpickler(pickle._Unpickler):
+    """Python's own unpickler (not the C one, whose opcodes cannot be overridden) restricted twice: globals
+    must be DCP metadata types (find_class), and BUILD may only fill in an instance of one of them, so a crafted
+    file can neither call a function nor set attributes on a class (e.g. `PosixPath._str`) for the process."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module: str, name: str):
         obj = _allowed_global(module, name)
         if obj is None:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not a DCP metadata type)")
         return obj
+
+    def _load_build(self):
+        inst = self.stack[-2]  # BUILD pops the state (stack[-1]) and fills in the object under it
+        if isinstance(inst, type) or not isinstance(inst, _buildable()):
+            raise pickle.UnpicklingError(f"refusing to set the state of {type(inst).__name__} {inst!r:.60}")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
 
 def read_dcp_metadata(path: str | os.PathLike):
@@ -122,9 +165,21 @@ def read_dcp_metadata(path: str | os.PathLike):
             md = _MetadataUnpickler(fh).load()
     except Exception as e:
         raise CheckpointError(f"checkpoint metadata {path} is unsafe or corrupt: {e}") from None
-    if not isinstance(md, dcp_metadata.Metadata) or not isinstance(md.state_dict_metadata, dict):
+    if not isinstance(md, dcp_metadata.Metadata) or not isinstance(md.state_dict_metadata, dict) \
+            or not isinstance(md.storage_data, dict):
         raise CheckpointError(f"checkpoint metadata {path} is not DCP metadata (got {type(md).__name__})")
+    for info in md.storage_data.values():  # DCP opens these: plain file names inside the step folder only
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", "..") \
+                or os.path.isabs(name) or "\\" in name:
+            raise CheckpointError(f"checkpoint metadata {path} names a shard outside its folder: {name!r:.80}")
     return md
+
+
+def shard_files(step_dir: Path) -> set[str]:
+    """The shard files the step's DCP metadata says hold its tensors."""
+    md = read_dcp_metadata(step_dir / ".metadata")
+    return {info.relative_path for info in md.storage_data.values()}
 
 
 class SafeReader(FileSystemReader):
@@ -151,11 +206,17 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
+class CheckpointReadError(CheckpointError):
+    """The disk could not be read (EIO, permissions, too many files): not evidence that a checkpoint is broken."""
+
+
 def _load_small(path: Path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path.parent} has no {path.name} ({what})") from None
+    except OSError as e:
+        raise CheckpointReadError(f"cannot read {path}: {e}") from None
     except Exception as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated, corrupt or unsafe): {first[:200]}") \
@@ -176,16 +237,20 @@ def incomplete_reason(step_dir: Path) -> str | None:
         return "it does not exist"
     try:
         meta = _load_small(step_dir / "meta.pt", "step, data position and config")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            return f"it is not an msn-fast checkpoint (format {FORMAT})"
+        world = meta.get("world", 1)
+        if not isinstance(world, int) or not 1 <= world <= 1 << 20:
+            return f"its meta.pt has an invalid process count {world!r:.40}"
+        if not (step_dir / ".metadata").is_file():
+            return "its DCP .metadata is missing"
+        missing = sorted(f for f in shard_files(step_dir) if not (step_dir / f).is_file())
+        missing += [f"rng_{r}.pt" for r in range(world) if not (step_dir / f"rng_{r}.pt").is_file()]
+    except CheckpointReadError:
+        raise  # a disk error says nothing about the checkpoint: never treat it as broken (and replace it)
     except CheckpointError as e:
         return str(e)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return f"it is not an msn-fast checkpoint (format {FORMAT})"
-    if not (step_dir / ".metadata").is_file():
-        return "its DCP .metadata is missing"
-    missing = [r for r in range(int(meta.get("world", 1))) if not (step_dir / f"rng_{r}.pt").is_file()]
-    if missing:
-        return f"rng_{missing[0]}.pt is missing"
-    return None
+    return f"{missing[0]} is missing" if missing else None
 
 
 def _complete_steps(root: Path) -> list[Path]:
@@ -242,7 +307,7 @@ def save_checkpoint(out_dir: str | os.PathLike, *, model, optimizer, step: int, 
         raise ValueError(f"keep={keep}: at least one checkpoint must be kept")
     root = Path(out_dir) / "checkpoints"
     path = root / f"step_{step:07d}"
-    if incomplete_reason(path) is None:
+    if on_rank0(lambda: _committed_with(path, config)):
         if _rank() == 0 and (not (root / "latest").is_file() or (root / "latest").read_text().strip() != path.name):
             _point_latest(root, path)
         _barrier()
@@ -267,7 +332,7 @@ def save_checkpoint(out_dir: str | os.PathLike, *, model, optimizer, step: int, 
         for f in partial.iterdir():
             _fsync(f)
         _fsync(partial)
-        if path.exists():  # an incomplete folder under the step's name (a crash of an older version)
+        if path.exists():  # incomplete (an older version's crash) or from another config: swapped out
             stale = root / f"{PARTIAL}stale_{path.name}"
             shutil.rmtree(stale, ignore_errors=True)
             os.rename(path, stale)
@@ -277,6 +342,24 @@ def save_checkpoint(out_dir: str | os.PathLike, *, model, optimizer, step: int, 
         _prune(root, path, keep)
     _barrier()
     return path
+
+
+def _state_config(config: dict) -> dict:
+    """The parts of a config that shape the training state (not --run.max_steps, the log cadence, ...)."""
+    run = config.get("run", {}) if isinstance(config, dict) else {}
+    return {**{k: v for k, v in config.items() if k != "run"}, "seed": run.get("seed")}
+
+
+def _committed_with(path: Path, config: dict) -> bool:
+    """Whether `path` is a complete checkpoint written under the same training config (then a save of the same
+    step would write the same state: it is skipped). Another config (a resume with a lower lr) replaces it."""
+    if incomplete_reason(path) is not None:
+        return False
+    meta = _load_small(path / "meta.pt", "step, data position and config")
+    if _state_config(meta.get("config") or {}) == _state_config(config):
+        return True
+    log.warning("%s was committed under another config; replacing it with this run's state", path)
+    return False
 
 
 def _point_latest(root: Path, path: Path) -> None:
@@ -294,7 +377,10 @@ def _prune(root: Path, current: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
     others = [p for p in _complete_steps(root) if p != current]
     for old in others[:max(0, len(others) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        trash = root / f"{PARTIAL}trash_{old.name}"  # renamed first: a kill mid-delete leaves no half step
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 # --- loading --------------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ class DistConfig:
     compile: bool = False
     """torch.compile each ViT block"""
     optimizer: str = "auto"
-    """auto (torch AdamW, fused on CUDA) | apex (apex FusedAdam, CUDA, no FSDP)"""
+    """auto (torch's fused AdamW) | apex (apex FusedAdam, CUDA, no FSDP)"""
 
     def __post_init__(self):
         if self.param_dtype not in ("auto", "bf16", "fp32"):
@@ -210,7 +210,7 @@ class RunConfig:
     resume: bool = False
     """continue from the latest checkpoint in <out_dir>/checkpoints if there is one"""
     max_bad_steps: int = 10
-    """stop after this many consecutive non-finite losses (each is skipped and counted)"""
+    """stop after this many consecutive non-finite losses (each is skipped and counted; checked at log lines)"""
     keep_checkpoints: int = 2
     """complete checkpoints kept on disk (the newest ones; at least 1)"""
 

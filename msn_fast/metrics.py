@@ -65,6 +65,7 @@ class StepLogger:
         self.total, self.images_per_step, self.every = total, images_per_step, every
         self.flops_per_image, self.peak_flops, self.device, self.jsonl = flops_per_image, peak_flops, device, jsonl
         self.skipped = 0
+        self._last_loss = None
         self._clock = time.perf_counter
         self._t0 = self._t = self._clock()
         self._n = 0
@@ -79,19 +80,27 @@ class StepLogger:
             except Exception:  # tensorboard is optional
                 self.tb = None
 
-    def log(self, step: int, epoch: int, m: dict, skipped_images: int, first: bool = False) -> None:
-        import torch
-
+    def tick(self, step: int) -> None:
+        """Every step: count it and redraw the terminal's status line (no tensor is read here)."""
         self._n += 1
         self._done += 1
         if self.tty:
             bar = int(30 * step / max(1, self.total))
-            sys.stderr.write(f"\r[{'#' * bar}{'.' * (30 - bar)}] {step}/{self.total} loss {m['loss']:.4f}")
+            loss = f" loss {self._last_loss:.4f}" if self._last_loss is not None else ""
+            sys.stderr.write(f"\r[{'#' * bar}{'.' * (30 - bar)}] {step}/{self.total}{loss}")
             sys.stderr.flush()
-        if not (first or step % self.every == 0 or step == self.total):
-            return
+
+    def due(self, step: int, first: bool = False) -> bool:
+        """Whether `step` gets a log line (every `every` steps, the first and the last)."""
+        return first or step % self.every == 0 or step == self.total
+
+    def log(self, step: int, epoch: int, m: dict, skipped_images: int, first: bool = False) -> None:
+        """The log line and record of a due step (after tick(step)); `m` holds Python numbers."""
+        import torch
+
+        self._last_loss = m["loss"]
         now = self._clock()
-        dt = (now - self._t) / self._n
+        dt = (now - self._t) / max(1, self._n)
         ips = self.images_per_step / dt
         eta = (self.total - step) * (now - self._t0) / self._done
         rec = {"step": step, "epoch": epoch, **m, "img_per_s": ips, "s_per_step": dt, "skipped_images": skipped_images,

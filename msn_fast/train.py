@@ -16,13 +16,14 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from msn_fast.dataloading import DataError, ViewRecipe, build_dali_loader, build_loader, dali_available
 
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, on_rank0, save_checkpoint
 from .cli import UsageError, apply_overrides, help_text
 from .config import Config, to_dict, to_json
 from .distributed import all_reduce_grad_mean, init_distributed
@@ -94,13 +95,37 @@ def stop_agreed(stop: list[tuple[str, int]], device: torch.device) -> bool:
     return flag
 
 
-def train_step(model: MSN, batch, optimizer, sched: Schedules, step: int, cfg: Config) -> dict | None:
-    """One optimisation step; returns its metrics, or None when the loss was not finite (step skipped).
+class StepResult(NamedTuple):
+    """What one step leaves for the loop, on the device: read (one sync) only at log and checkpoint steps."""
 
-    The finiteness check is the step's one host sync; every process takes the same decision because the
-    loss is computed from all-reduced terms. A skipped step changes no state: the forward's BatchNorm
-    updates (running statistics of student and target heads) are undone, and nothing else has been touched
-    yet (no backward, optimizer step or EMA). The RNG has advanced (the next step draws new masks).
+    ok: torch.Tensor  # 0-dim bool: the loss was finite and the update applied
+    terms: torch.Tensor  # [5]: loss, ce, me_max, max_t, num_targets of this process
+    lr: float
+    wd: float
+    momentum: float
+
+
+def skip_or_step(optimizer, ok: torch.Tensor) -> None:
+    """optimizer.step(), skipped on the device when `ok` is False (state, step counts and weights unchanged),
+    as GradScaler does for optimizers that take `found_inf` (torch's fused AdamW). Any other (apex) syncs once."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, (~ok).to(torch.float32)  # 0-dim, as the step counts
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif ok.item():
+        optimizer.step()
+
+
+def train_step(model: MSN, batch, optimizer, sched: Schedules, step: int, cfg: Config) -> StepResult:
+    """One optimisation step that never waits for the device (no .item(), no host sync).
+
+    A non-finite loss (every process agrees: the loss comes from all-reduced terms) skips the step on the
+    device and changes no state: the forward's BatchNorm updates (running statistics of the student and
+    target heads) are undone with torch.where, the optimizer skips its update (found_inf), the EMA weight is
+    0. The backward still runs (its gradients are discarded). The RNG has advanced: the next step draws new
+    masks, as it would have.
     """
     lr, wd = sched.lr(step), sched.wd(step)
     for g in optimizer.param_groups:
@@ -110,31 +135,40 @@ def train_step(model: MSN, batch, optimizer, sched: Schedules, step: int, cfg: C
     buffers = [b for b in model.buffers() if b.numel()]
     before = [b.clone() for b in buffers]
     loss, stats = model.loss(batch.globals, batch.focals)
+    ok = torch.isfinite(loss.detach())
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss).item():
-        for b, old in zip(buffers, before):
-            b.copy_(old)
-        return None
     loss.backward()
+    for b, old in zip(buffers, before):  # after the backward, which saved the buffers' versions
+        b.copy_(torch.where(ok, b, old))
     all_reduce_grad_mean(model.prototypes)
     if cfg.optim.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(list(model.student.parameters()), cfg.optim.clip_grad)
-    optimizer.step()
+    skip_or_step(optimizer, ok)
     momentum = sched.momentum(step)
-    ema_update(model.target, model.student, momentum)
-    # For logging, the local terms averaged over processes: the loss of the global batch.
-    logged = torch.stack([loss.detach(), stats.ce, stats.me_max, stats.max_target_prob, stats.num_targets.float()])
+    ema_update(model.target, model.student, momentum, skip=~ok)
+    terms = torch.stack([loss.detach(), stats.ce, stats.me_max, stats.max_target_prob, stats.num_targets.float()])
+    return StepResult(ok, terms, lr, wd, momentum)
+
+
+def read_step(r: StepResult, streaks: torch.Tensor) -> tuple[bool, list[float], list[int]]:
+    """The one host sync of a log or checkpoint step: (ok, metrics of the global batch, [streak, longest
+    streak since the last read, skipped in total]). The terms are averaged over processes here, not per step."""
+    terms = r.terms
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(logged)
-        logged /= dist.get_world_size()
-    loss_v, ce, me_max, max_t, n_t = logged.tolist()
-    return {"loss": loss_v, "ce": ce, "me_max": me_max, "num_targets": n_t, "max_t": max_t,
-            "lr": lr, "wd": wd, "momentum": momentum}
+        terms = terms.clone()
+        dist.all_reduce(terms)
+        terms /= dist.get_world_size()
+    values = torch.cat([r.ok.to(terms.dtype).reshape(1), terms, streaks.to(terms.dtype)]).tolist()
+    return bool(values[0]), values[1:6], [int(v) for v in values[6:]]
 
 
-def non_finite_state(model: MSN, device: torch.device) -> list[str]:
-    """Names of the parameters and buffers holding a NaN or inf (all processes agree); [] when all are finite."""
+def non_finite_state(model: MSN, device: torch.device, optimizer=None) -> list[str]:
+    """Names of the parameters, buffers and optimizer state tensors holding a NaN or inf (all processes agree);
+    [] when all are finite."""
     named = list(model.named_parameters()) + list(model.named_buffers())
+    if optimizer is not None:
+        named += [(f"optimizer state {k}", v) for st in optimizer.state.values() for k, v in st.items()
+                  if torch.is_tensor(v)]
     bad = [n for n, t in named if t.is_floating_point()
            and not bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all())]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -181,13 +215,16 @@ def train(cfg: Config) -> Path:
         cfg.run.device == "auto" and torch.cuda.is_available()) else "cpu")
     out = Path(cfg.run.out_dir)
     setup_logging(info.rank)
-    found = find_checkpoint(out) if cfg.run.resume else None  # a broken `latest` is warned about here
+    # rank 0 decides and tells the others, so all load the same step (a broken `latest` is warned about here)
+    found = on_rank0(lambda: find_checkpoint(out)) if cfg.run.resume else None
     set_aside = None
     if info.is_main:
         if found is None:
             set_aside = set_aside_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(to_json(cfg))
+    if dist.is_initialized():
+        dist.barrier()  # the others wait until an earlier run is set aside
     setup_logging(info.rank, out / "train.log" if info.is_main else None)
     if set_aside is not None:
         log.warning("%s held an earlier run: its files were moved to %s (continue a run with --run.resume true)",
@@ -234,7 +271,7 @@ def train(cfg: Config) -> Path:
     step0 = step
 
     def save() -> None:
-        bad_tensors = non_finite_state(model, device)
+        bad_tensors = non_finite_state(model, device, optimizer)
         if bad_tensors:
             raise TrainingDiverged(f"the model state is not finite ({', '.join(bad_tensors[:3])}); not saved. "
                                    + last_good(out))
@@ -258,7 +295,10 @@ def train(cfg: Config) -> Path:
     logger = StepLogger(total, d.batch_size * info.world, step_flops_per_image(cfg), gpu_peak_flops(device),
                         device, JsonlWriter(out / "metrics.jsonl", enabled=info.is_main), cfg.run.log_every,
                         tensorboard_dir=out / "tb" if info.is_main else None)
-    bad, skipped_images = 0, 0
+    skipped_images, reported_skips = 0, 0
+    # [consecutive skipped steps, longest such streak since the last read, skipped in total], on the device
+    streaks = torch.zeros(3, dtype=torch.int64, device=device)
+    world_stop_every = cfg.run.log_every if info.world > 1 else 1  # agreeing on a stop is an all-reduce
     model.train()
     try:
         while step < total:
@@ -267,22 +307,35 @@ def train(cfg: Config) -> Path:
             for batch in loader:
                 batch = batch.to(device)
                 skipped_images = len(loader.unreadable)  # distinct unreadable files met so far in this process
-                m = train_step(model, batch, optimizer, sched, step, cfg)
+                r = train_step(model, batch, optimizer, sched, step, cfg)
                 step += 1
-                if m is None:
-                    bad += 1
-                    logger.skipped += 1
-                    log.warning("non-finite loss at step %d: step skipped (%d in a row, %d in total)", step, bad,
-                                logger.skipped)
-                    if bad >= cfg.run.max_bad_steps:
-                        raise TrainingDiverged(f"{bad} consecutive non-finite losses at step {step}; stopping. "
+                bad = (~r.ok).long()
+                streaks[0] = (streaks[0] + 1) * bad
+                streaks[1] = torch.maximum(streaks[1], streaks[0])
+                streaks[2] += bad
+                logger.tick(step)
+                first = step == step0 + 1
+                ckpt_due = step % cfg.run.checkpoint_every == 0 and step < total
+                log_due = logger.due(step, first)
+                if log_due or ckpt_due or step >= total:  # the step's only host sync
+                    ok, terms, (streak, longest, skipped) = read_step(r, streaks)
+                    streaks[1] = 0
+                    logger.skipped = skipped
+                    if skipped > reported_skips:
+                        log.warning("non-finite loss: %d step(s) skipped by step %d (%d in a row now, %d in total)",
+                                    skipped - reported_skips, step, streak, skipped)
+                        reported_skips = skipped
+                    if longest >= cfg.run.max_bad_steps:
+                        raise TrainingDiverged(f"{longest} consecutive non-finite losses by step {step}; stopping. "
                                                + last_good(out))
-                else:
-                    bad = 0
-                    logger.log(step, epoch, m, skipped_images, first=step == step0 + 1)
-                if step % cfg.run.checkpoint_every == 0 and step < total and bad == 0:  # never mid-streak
-                    save()
-                if stop_agreed(stop, device):
+                    if ok and log_due:
+                        loss_v, ce, me_max, max_t, n_t = terms
+                        logger.log(step, epoch, {"loss": loss_v, "ce": ce, "me_max": me_max, "num_targets": n_t,
+                                                 "max_t": max_t, "lr": r.lr, "wd": r.wd, "momentum": r.momentum},
+                                   skipped_images, first=first)
+                    if ckpt_due and streak == 0:  # never mid-streak
+                        save()
+                if step % world_stop_every == 0 and stop_agreed(stop, device):
                     name, signum = stop[0] if stop else ("a signal on another process", signal.SIGTERM)
                     raise StopRequested(name, save=True, signum=signum)
                 if step >= total:

@@ -106,38 +106,9 @@ def pytest_report_header(config):
     return f"MSN_TEST_SEED={TEST_SEED} (set the environment variable to rerun with other random inputs)"
 
 
-def _install_interpreter_bf16_dot_shim() -> None:
-    """The interpreter multiplies bf16 bit patterns in tl.dot (triton#11584); convert to fp32 first.
-
-    Test-only: on a GPU tl.dot handles bf16 natively. The shim upcasts bf16 operands exactly
-    (bf16 is the top half of an fp32), so the kernel's own accumulation in fp32 is what is tested.
-    """
-    try:
-        import numpy as np
-        from triton.runtime import interpreter
-    except Exception:
-        return
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder, "_msn_bf16_shim", False):
-        return
-    original = builder.create_dot
-
-    def _up(t):
-        data = t.data
-        if getattr(t.dtype, "name", "") == "bf16" or str(getattr(t, "dtype", "")) == "bf16":
-            f32 = (data.astype(np.uint32) << 16).view(np.float32)
-            return interpreter.TensorHandle(f32, interpreter.tl.float32)
-        return t
-
-    def create_dot(self, a, b, c, *args, **kwargs):
-        return original(self, _up(a), _up(b), c, *args, **kwargs)
-
-    builder.create_dot = create_dot
-    builder._msn_bf16_shim = True
-
-
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    _install_interpreter_bf16_dot_shim()
+# The interpreter's bf16 tl.dot fix lives in the package (msn_fast.kernels._utils,
+# install_interpreter_bf16_dot_fix): it installs itself when the kernels are imported under
+# TRITON_INTERPRET=1 (set above, before any test imports them), so users get it too.
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,10 +1,10 @@
 """Fault injection for tests/test_faults.py: SIGKILL this process at the k-th file-system step of a save.
 
-A "tick" is every call that changes the disk: opening a file for writing, mkdir, rename/replace, fsync,
-unlink and rmtree on a path under the armed root. `arm(k, root)` patches them so that the k-th tick kills
-the process (SIGKILL: no cleanup, no `finally`, exactly what a scheduler does after its grace period)
-before the call runs; `arm(None, root)` only counts them, so a test can learn how many points a save has
-and try each one.
+A "tick" is every call that changes the disk: opening a file for writing, torch.save to a path, mkdir,
+rename/replace, fsync, unlink and rmtree (each file it deletes) on a path under the armed root.
+`arm(k, root)` patches them so that the k-th tick kills the process (SIGKILL: no cleanup, no `finally`,
+exactly what a scheduler does after its grace period) before the call runs; `arm(None, root)` only counts
+them, so a test can learn how many points a save has and try each one.
 
 As a script it runs the trainer and arms the kill at tick K of its N-th checkpoint save:
     python tests/kill_points.py N K COUNT_FILE -- <msn_fast.train arguments>
@@ -30,9 +30,9 @@ def _tick(name: str):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _under_root(args) -> bool:
+def _under_root(args, kwargs) -> bool:
     """Calls on paths outside the armed root (a .pyc written by a lazy import, a log file) are not ticks."""
-    if not args or isinstance(args[0], int):  # fsync(fd)
+    if not args or isinstance(args[0], int) or kwargs.get("dir_fd") is not None:  # fsync(fd); rmtree's unlinks
         return True
     try:
         return os.path.abspath(os.fspath(args[0])).startswith(state["root"])
@@ -45,7 +45,7 @@ def _wrap(owner, name: str, writes=None):
     _REAL[(owner, name)] = real
 
     def patched(*args, **kwargs):
-        if (writes is None or writes(*args, **kwargs)) and _under_root(args):
+        if (writes is None or writes(*args, **kwargs)) and _under_root(args, kwargs):
             _tick(name)
         return real(*args, **kwargs)
 
@@ -66,6 +66,9 @@ def arm(kill_at: int | None, root: str | os.PathLike = "/") -> None:
     for name in ("mkdir", "rename", "replace", "fsync", "unlink", "remove", "rmdir"):
         _wrap(os, name)
     _wrap(shutil, "rmtree")
+    import torch  # torch.save writes through its C++ writer: one tick before it, none inside
+
+    _wrap(torch, "save", lambda obj, f, *a, **k: isinstance(f, (str, os.PathLike)))
 
 
 def disarm() -> int:

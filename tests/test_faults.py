@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import pickle
 import signal
 import subprocess
@@ -211,6 +212,26 @@ def test_a_committed_step_is_not_written_again(tmp_path):
     assert _same(_loaded(tmp_path)[1], s5)
 
 
+def test_a_step_committed_under_another_config_is_replaced(tmp_path):
+    """A resume with another training config (a lower lr, as the divergence message advises) that reaches a
+    step committed before: that step holds the other config's state, so it is replaced, not kept."""
+    _, model, opt = _model_and_optimizer(0)
+    _advance(model, opt, 5)
+    save_checkpoint(tmp_path, model=model, optimizer=opt, step=5, epoch=0, batch_in_epoch=5,
+                    config={"optim": {"lr": 1e-3}, "run": {"seed": 0, "max_steps": 5}})
+    s_new = _advance(model, opt, 6)
+    same_run = {"optim": {"lr": 1e-3}, "run": {"seed": 0, "max_steps": 99}}  # only the run length differs
+    path = tmp_path / "checkpoints" / "step_0000005"
+    stamp = (path / "meta.pt").stat().st_mtime_ns
+    save_checkpoint(tmp_path, model=model, optimizer=opt, step=5, epoch=0, batch_in_epoch=5, config=same_run)
+    assert (path / "meta.pt").stat().st_mtime_ns == stamp  # same training config: kept
+    save_checkpoint(tmp_path, model=model, optimizer=opt, step=5, epoch=0, batch_in_epoch=5,
+                    config={"optim": {"lr": 5e-4}, "run": {"seed": 0}})
+    step, tensors = _loaded(tmp_path)
+    assert step == 5 and _same(tensors, s_new)
+    assert load_meta(tmp_path)["config"]["optim"]["lr"] == 5e-4
+
+
 def test_broken_latest_falls_back_to_the_newest_complete_step(tmp_path, caplog):
     """The state the issue found: `latest` -> an empty step_0000010/ (an old version's killed rewrite)."""
     _, model, opt = _model_and_optimizer(0)
@@ -297,6 +318,19 @@ def test_crafted_dcp_metadata_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match="unsafe or corrupt"):
         read_dcp_metadata(real)
     assert not marker.exists()
+    # an allowed class, but BUILD aimed at the class itself: would set PosixPath._str for the whole process
+    build_on_class = (b"\x80\x04cpathlib\nPosixPath\n" b"N}\x8c\x04_str\x8c\x05/evil\x86b.")
+    real.write_bytes(build_on_class)
+    with pytest.raises(CheckpointError, match="refusing to set the state"):
+        read_dcp_metadata(real)
+    assert str(Path("/work/x")) == "/work/x" and "_str" not in vars(pathlib.PosixPath)
+    # a valid metadata whose shard name leaves the folder: DCP would open any file on the machine
+    md.storage_meta = None
+    info = next(iter(md.storage_data.values()))
+    info.relative_path = "../../../etc/passwd"
+    real.write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError, match="names a shard outside its folder"):
+        read_dcp_metadata(real)
 
 
 def _poison_byte_entry(step_dir: Path, marker: Path) -> None:
@@ -416,13 +450,17 @@ def test_trainer_killed_while_saving_resumes_with_the_uninterrupted_losses(tmp_p
         assert r.returncode == -signal.SIGKILL, (k, r.stderr[-2000:])
         start = load_meta(out)["step"]
         assert start in (4, 8), (k, start)
+        logged_before = len((out / "metrics.jsonl").read_text().splitlines())
         r = subprocess.run([sys.executable, "-m", "msn_fast.train", *RUN, "--run.out_dir", str(out), "--run.resume",
                             "true"], capture_output=True, text=True, timeout=600, env=ENV)  # as the killed run ran
         assert r.returncode == 0, (k, r.stderr[-2000:])
-        got = _losses(out)
-        assert load_meta(out)["step"] == 8 and sorted(got) == list(range(1, 9))
-        for s in range(start + 1, 9):  # the steps redone after the resume
-            assert got[s] == pytest.approx(reference[s], rel=1e-6, abs=0), (k, s, got[s], reference[s])
+        assert f"resumed from {out / 'checkpoints' / f'step_{start:07d}'} at step {start}" in r.stderr, r.stderr
+        new = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[logged_before:]]
+        assert [m["step"] for m in new] == list(range(start + 1, 9)), (k, [m["step"] for m in new])
+        for m in new:  # the steps redone after the resume, logged by the resumed run itself
+            s = m["step"]
+            assert m["loss"] == pytest.approx(reference[s], rel=1e-6, abs=0), (k, s, m["loss"], reference[s])
+        assert load_meta(out)["step"] == 8
         resumed_from[k] = start
     print(f"trainer kill points {sorted(resumed_from)} of {ticks}: resumed from {resumed_from}")
     assert 4 in resumed_from.values()  # at least one kill lost the new checkpoint and fell back
@@ -506,7 +544,7 @@ def test_a_skipped_step_leaves_every_tensor_bit_identical(monkeypatch, poison):
     model.train()
     opt = build_optimizer(cfg, model, torch.device("cpu"))
     sched = Schedules(cfg.optim, 100, 10)
-    assert train_step(model, _batch(cfg, 0), opt, sched, 0, cfg) is not None  # optimizer state exists now
+    assert bool(train_step(model, _batch(cfg, 0), opt, sched, 0, cfg).ok)  # optimizer state exists now
     before = _snapshot(model, opt)
     real = MSN.loss
 
@@ -515,13 +553,14 @@ def test_a_skipped_step_leaves_every_tensor_bit_identical(monkeypatch, poison):
         return loss * poison, stats
 
     monkeypatch.setattr(MSN, "loss", poisoned)
-    assert train_step(model, _batch(cfg, 1), opt, sched, 1, cfg) is None  # ...and the step is skipped
+    assert not bool(train_step(model, _batch(cfg, 1), opt, sched, 1, cfg).ok)  # ...and the step is skipped
     after = _snapshot(model, opt)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, changed
     assert any("running_mean" in k for k in before)  # the BN buffers were part of the comparison
     monkeypatch.setattr(MSN, "loss", real)
-    assert train_step(model, _batch(cfg, 1), opt, sched, 1, cfg) is not None
+    assert bool(train_step(model, _batch(cfg, 1), opt, sched, 1, cfg).ok)
+    assert not torch.equal(_snapshot(model, opt)["model.prototypes"], before["model.prototypes"])  # it moves
 
 
 def test_non_finite_state_is_never_committed_and_divergence_names_only_real_checkpoints(tmp_path, monkeypatch,
@@ -531,8 +570,8 @@ def test_non_finite_state_is_never_committed_and_divergence_names_only_real_chec
 
     real_ema = train_mod.ema_update
 
-    def poisoned_ema(target, student, m):
-        real_ema(target, student, m)
+    def poisoned_ema(target, student, m, skip=None):
+        real_ema(target, student, m, skip=skip)
         next(target.parameters()).data.fill_(float("nan"))
 
     monkeypatch.setattr(train_mod, "ema_update", poisoned_ema)
