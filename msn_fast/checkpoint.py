@@ -231,26 +231,35 @@ def _step_of(p: Path) -> int | None:
     return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
 
 
-def incomplete_reason(step_dir: Path) -> str | None:
-    """Why `step_dir` is not a complete msn-fast checkpoint, or None if it is one (cheap: no tensors read)."""
+def _complete_meta(step_dir: Path) -> dict:
+    """The meta dict of a complete msn-fast checkpoint; CheckpointError saying why `step_dir` is not one (cheap: no
+    tensors read). A disk error is a CheckpointReadError: it says nothing about the checkpoint."""
     if not step_dir.is_dir():
-        return "it does not exist"
+        raise CheckpointError("it does not exist")
+    meta = _load_small(step_dir / "meta.pt", "step, data position and config")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"it is not an msn-fast checkpoint (format {FORMAT})")
+    world = meta.get("world", 1)
+    if not isinstance(world, int) or not 1 <= world <= 1 << 20:
+        raise CheckpointError(f"its meta.pt has an invalid process count {world!r:.40}")
+    if not (step_dir / ".metadata").is_file():
+        raise CheckpointError("its DCP .metadata is missing")
+    missing = sorted(f for f in shard_files(step_dir) if not (step_dir / f).is_file())
+    missing += [f"rng_{r}.pt" for r in range(world) if not (step_dir / f"rng_{r}.pt").is_file()]
+    if missing:
+        raise CheckpointError(f"{missing[0]} is missing")
+    return meta
+
+
+def incomplete_reason(step_dir: Path) -> str | None:
+    """Why `step_dir` is not a complete msn-fast checkpoint, or None if it is one."""
     try:
-        meta = _load_small(step_dir / "meta.pt", "step, data position and config")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            return f"it is not an msn-fast checkpoint (format {FORMAT})"
-        world = meta.get("world", 1)
-        if not isinstance(world, int) or not 1 <= world <= 1 << 20:
-            return f"its meta.pt has an invalid process count {world!r:.40}"
-        if not (step_dir / ".metadata").is_file():
-            return "its DCP .metadata is missing"
-        missing = sorted(f for f in shard_files(step_dir) if not (step_dir / f).is_file())
-        missing += [f"rng_{r}.pt" for r in range(world) if not (step_dir / f"rng_{r}.pt").is_file()]
+        _complete_meta(step_dir)
     except CheckpointReadError:
         raise  # a disk error says nothing about the checkpoint: never treat it as broken (and replace it)
     except CheckpointError as e:
         return str(e)
-    return f"{missing[0]} is missing" if missing else None
+    return None
 
 
 def _complete_steps(root: Path) -> list[Path]:
@@ -269,8 +278,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
         return path  # a step directory
     for root in (path / "checkpoints", path):
         pointer = root / "latest"
-        complete = _complete_steps(root)
         if not pointer.is_file():
+            complete = _complete_steps(root)
             if complete:
                 log.warning("%s is missing; using %s, the newest complete checkpoint", pointer, complete[-1])
                 return complete[-1]
@@ -279,6 +288,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
         why = incomplete_reason(named)
         if why is None:
             return named
+        complete = _complete_steps(root)  # scanned only when `latest` cannot be used
         if not complete:
             raise CheckpointError(f"{pointer} names {named.name}, which is incomplete ({why}), and no complete "
                                   f"checkpoint is left in {root}")
@@ -353,9 +363,12 @@ def _state_config(config: dict) -> dict:
 def _committed_with(path: Path, config: dict) -> bool:
     """Whether `path` is a complete checkpoint written under the same training config (then a save of the same
     step would write the same state: it is skipped). Another config (a resume with a lower lr) replaces it."""
-    if incomplete_reason(path) is not None:
-        return False
-    meta = _load_small(path / "meta.pt", "step, data position and config")
+    try:
+        meta = _complete_meta(path)  # one read of meta.pt for both questions
+    except CheckpointReadError:
+        raise
+    except CheckpointError:
+        return False  # not complete (or absent): write it
     if _state_config(meta.get("config") or {}) == _state_config(config):
         return True
     log.warning("%s was committed under another config; replacing it with this run's state", path)
