@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before any kernel module is imported (Triton reads 
 function is decorated), so it is set here, at the top, on machines without CUDA.
 """
 
+import logging
 import os
 
 import pytest
@@ -124,6 +125,22 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(seeded())
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_msn_fast_logging():
+    """Undo what an in-process `train.main` does to the "msn_fast" logger (its own handlers, a log file,
+    propagate=False), so a later test's caplog sees the records whatever ran before it and pytest version
+    (whether pytest attaches its capture handlers to non-propagating loggers differs between versions)."""
+    logger = logging.getLogger("msn_fast")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    for h in logger.handlers:
+        if h not in handlers:
+            h.close()
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
 
 
 def _install_interpreter_masked_load_poison() -> None:
