@@ -146,6 +146,11 @@ if HAS_TRITON and interpreting():  # at kernel import, as Triton itself reads TR
     install_interpreter_bf16_dot_fix()
 
 
+# Tests of the "auto" path (the self-check's fallback) under the interpreter set this to True: "auto" then
+# picks Triton for CPU tensors as it does for CUDA ones. Never set in the package.
+AUTO_TRITON_ON_INTERPRETER = False
+
+
 def resolve_backend(backend: str, x: torch.Tensor, op: str, extra: tuple[str, ...] = ()) -> str:
     """Turn "auto" into a concrete backend for tensor `x`, or fail with a clear error.
 
@@ -157,7 +162,8 @@ def resolve_backend(backend: str, x: torch.Tensor, op: str, extra: tuple[str, ..
     if backend == "auto":
         # CPU tensors always take the torch path, even under the interpreter: the interpreter is for
         # testing kernels (with backend="triton"), not for running models.
-        return "triton" if x.is_cuda and triton_available() else "torch"
+        on_interpreter = AUTO_TRITON_ON_INTERPRETER and interpreting() and x.device.type == "cpu"
+        return "triton" if (x.is_cuda or on_interpreter) and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(missing_triton_message(op))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import selfcheck
 from ._utils import (
     check_dtype,
     check_finite,
@@ -479,6 +480,19 @@ def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) ->
     return out.transpose(1, 2)
 
 
+def _self_checked(q: Tensor, k: Tensor, v: Tensor, scale: float, strict: bool) -> bool:
+    """First use per (dtype, head dim, length classes, grad): the kernel against SDPA on one head of the
+    first sample, all its rows (selfcheck.py)."""
+    grad = q.requires_grad or k.requires_grad or v.requires_grad
+    key = (q.dtype, q.shape[-1], selfcheck.size_class(q.shape[-2]), selfcheck.size_class(k.shape[-2]), grad)
+
+    def sample() -> dict:
+        return dict(q=selfcheck.marked(q[:1, :1], q), k=selfcheck.marked(k[:1, :1], k),
+                    v=selfcheck.marked(v[:1, :1], v), scale=scale)
+
+    return selfcheck.use_triton("attention", key, sample, q, strict=strict)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str = "auto") -> Tensor:
     """Non-causal attention, softmax(q kᵀ · scale) v, differentiable in q, k and v.
 
@@ -495,11 +509,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, ba
     _check_inputs(q, k, v, scale)
     if backend == "auto" and (q.dtype not in SUPPORTED_DTYPES or q.shape[-1] not in SUPPORTED_HEAD_DIMS):
         backend = "torch"
-    backend = resolve_backend(backend, q, "attention", extra=("eager", "xformers"))
+    requested, backend = backend, resolve_backend(backend, q, "attention", extra=("eager", "xformers"))
     if backend == "triton":
         _check_inputs(q, k, v, scale, kernel=True)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        return _attention_fwd_op(q, k, v, scale)[0]
+        if _self_checked(q, k, v, scale, strict=requested == "triton"):
+            return _attention_fwd_op(q, k, v, scale)[0]
     if backend == "eager":
         return attention_ref(q, k, v, scale)
     if backend == "xformers":

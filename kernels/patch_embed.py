@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import selfcheck
 from ._utils import check_dtype, check_same_device, next_power_of_2, resolve_backend, tl, triton
 from .token_gather import check_keep_idx, check_pos_embed, gather_rows, pos_embed_grad
 
@@ -291,7 +292,7 @@ def embed_kept_patches(
     if images.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"{op}: expected images [B, C, H, W] and weight [D, C, P, P]; got "
                          f"{tuple(images.shape)} and {tuple(weight.shape)}")  # fmt: skip
-    backend = resolve_backend(backend, images, op)
+    requested, backend = backend, resolve_backend(backend, images, op)
     if backend == "triton" and torch.is_autocast_enabled(images.device.type):
         dt = torch.get_autocast_dtype(images.device.type)
         images, weight = images.to(dt), weight.to(dt)
@@ -323,6 +324,23 @@ def embed_kept_patches(
         keep_idx = torch.arange(n, dtype=torch.int32, device=images.device)
     else:
         check_keep_idx(op, keep_idx, bsz, n, validate)
-    if backend == "torch":
+    if backend == "torch" or not _self_checked(images, weight, bias, pos, keep_idx, cls_token, requested == "triton"):
         return embed_kept_patches_ref(images, weight, bias, pos, keep_idx, cls_token)
     return PatchEmbedFunction.apply(images, weight, bias, pos, cls_token, keep_idx)
+
+
+def _self_checked(images, weight, bias, pos, keep_idx, cls_token, strict: bool) -> bool:
+    """First use per (dtypes, C, P, D class, optional inputs, index layout, grads): the kernel against the
+    reference on the first two images (selfcheck.py)."""
+    optional = (bias, pos, cls_token)
+    grads = tuple(t is not None and t.requires_grad for t in (images, weight) + optional)
+    key = (images.dtype, None if pos is None else pos.dtype, images.shape[1], weight.shape[-1],
+           selfcheck.size_class(weight.shape[0]), tuple(t is None for t in optional), keep_idx.dim(), grads)
+
+    def sample() -> dict:
+        m = selfcheck.marked
+        idx = keep_idx[:2] if keep_idx.dim() == 2 else keep_idx
+        return dict(images=m(images[:2], images), weight=m(weight, weight), bias=m(bias, bias), pos_embed=m(pos, pos),
+                    keep_idx=idx, cls_token=m(cls_token, cls_token), validate=False)
+
+    return selfcheck.use_triton("embed_kept_patches", key, sample, images, strict=strict)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import prototype_loss_triton as tri
+from . import selfcheck
 from ._utils import check_dtype, check_finite, check_int, check_same_device, resolve_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -35,7 +36,19 @@ class LossStats(NamedTuple):
     max_target_prob: torch.Tensor  # mean over targets of max_k p⁺_k
 
 
+class _Local:
+    """A process group of this process alone: no collectives (the self-check of one rank's slice)."""
+
+    def __repr__(self) -> str:
+        return "msn_fast.kernels.prototype_loss.LOCAL"
+
+
+LOCAL = _Local()
+
+
 def _world(group) -> int:
+    if group is LOCAL:
+        return 1
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -271,9 +284,27 @@ def msn_prototype_loss(
         ValueError (TypeError for a dtype) naming the bad argument, for every backend alike.
     """
     _check_inputs(anchor, target, prototypes, num_views, tau, sharpen, me_max_weight, sinkhorn_iters)
-    backend = resolve_backend(backend, anchor, "msn_prototype_loss")
+    requested, backend = backend, resolve_backend(backend, anchor, "msn_prototype_loss")
     kwargs = dict(num_views=num_views, tau=tau, sharpen=sharpen, me_max_weight=me_max_weight,
                   sinkhorn_iters=sinkhorn_iters, process_group=process_group)
-    if backend == "triton":
+    if backend == "triton" and _self_checked(anchor, target, prototypes, kwargs, strict=requested == "triton"):
         return _msn_prototype_loss_triton(anchor, target, prototypes, **kwargs)
     return msn_prototype_loss_ref(anchor, target, prototypes, **kwargs)
+
+
+def _self_checked(anchor, target, prototypes, kwargs, strict: bool) -> bool:
+    """First use per shape class: the fused path against the reference on 8 targets and their anchor rows
+    (selfcheck.py); every rank of the group takes the same path, as p̄ and Sinkhorn cross them."""
+    v, (b, d), k = kwargs["num_views"], target.shape, prototypes.shape[0]
+    grad = anchor.requires_grad or prototypes.requires_grad
+    key = (anchor.dtype, target.dtype, prototypes.dtype, v, d, k, kwargs["sinkhorn_iters"] > 0, grad)
+
+    def sample() -> dict:
+        rows = min(b, 8)
+        part = dict(kwargs, process_group=None)
+        rows_of_each_view = anchor.reshape(v, b, d)[:, :rows].reshape(v * rows, d)
+        return dict(part, anchor=selfcheck.marked(rows_of_each_view, anchor), target=target.detach()[:rows],
+                    prototypes=selfcheck.marked(prototypes, prototypes))
+
+    return selfcheck.use_triton("msn_prototype_loss", key, sample, anchor, strict=strict,
+                                process_group=kwargs["process_group"], agree=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import selfcheck
 from ._utils import check_dtype, check_same_device, next_power_of_2, resolve_backend, tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -243,13 +244,28 @@ def gather_tokens(
     op = "gather_tokens"
     if tokens.dim() != 3:
         raise ValueError(f"{op}: tokens must be [B, N, D]; got {tuple(tokens.shape)}")
-    backend = resolve_backend(backend, tokens, op)
+    requested, backend = backend, resolve_backend(backend, tokens, op)
     allowed = SUPPORTED_DTYPES + ((torch.float64,) if backend == "torch" else ())
     check_dtype(op, "tokens", tokens, allowed)
     bsz, n, d = tokens.shape
     pos = None if pos_embed is None else check_pos_embed(op, pos_embed, n, d)
     check_same_device(op, tokens=tokens, keep_idx=keep_idx, **({} if pos is None else {"pos_embed": pos}))
     check_keep_idx(op, keep_idx, bsz, n, validate)
-    if backend == "torch":
+    if backend == "torch" or not _self_checked(tokens, keep_idx, pos, strict=requested == "triton"):
         return gather_tokens_ref(tokens, keep_idx, pos)
     return TokenGatherFunction.apply(tokens, keep_idx, pos)
+
+
+def _self_checked(tokens: torch.Tensor, keep_idx: torch.Tensor, pos: torch.Tensor | None, strict: bool) -> bool:
+    """First use per (dtypes, D class, index layout, grad): the kernel against the reference on the first
+    two samples (selfcheck.py)."""
+    grad = tokens.requires_grad or (pos is not None and pos.requires_grad)
+    key = (tokens.dtype, None if pos is None else pos.dtype, selfcheck.size_class(tokens.shape[-1]),
+           keep_idx.dim(), keep_idx.dtype, grad)  # fmt: skip
+
+    def sample() -> dict:
+        idx = keep_idx[:2] if keep_idx.dim() == 2 else keep_idx
+        return dict(tokens=selfcheck.marked(tokens[:2], tokens), keep_idx=idx, pos_embed=selfcheck.marked(pos, pos),
+                    validate=False)
+
+    return selfcheck.use_triton("gather_tokens", key, sample, tokens, strict=strict)

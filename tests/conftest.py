@@ -13,6 +13,12 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The kernels' first-use self-check (msn_fast.kernels.selfcheck) is off in the tests, which compare every
+# kernel against its reference themselves; tests/kernels/test_selfcheck.py turns it on.
+os.environ.setdefault("MSN_FAST_SELFCHECK", "0")
+
+# after the env; LOWP_FLOOR is re-exported to the kernel tests
+from msn_fast.kernels.selfcheck import LOWP_FLOOR, ROUNDING_K, flash_rule_bound, rounding_bound  # noqa: E402, F401
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -34,13 +40,8 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 #    for fp32, so it scales with the magnitude of the values.
 # 4. Ill-conditioned cases (a peaked softmax) compare with fp64 at a bound derived for that case
 #    next to the test (tests/kernels/test_attention.py: _fp32_bounds).
-ROUNDING_K = 8.0
-LOWP_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def rounding_bound(dtype: torch.dtype, n: int, scale: float = 1.0, k: float = ROUNDING_K) -> float:
-    """Largest error the rounding model allows for sums of `n` terms of magnitude `scale` in `dtype`."""
-    return k * torch.finfo(dtype).eps * max(n, 1) ** 0.5 * scale
+# ROUNDING_K, LOWP_FLOOR and rounding_bound come from msn_fast.kernels.selfcheck (the kernels' self-check
+# judges with the same rule).
 
 
 def assert_rounding_close(got, ref, dtype: torch.dtype, n: int, name: str = "", scale: float | None = None,
@@ -77,15 +78,11 @@ def assert_sum_bound(got, ref, abs_ref, dtype: torch.dtype, n: int, name: str = 
 
 
 def assert_flash_rule(got, ref, plain, dtype: torch.dtype, n: int, name: str = "") -> None:
-    """Rule (3): err(got) <= 2 err(plain) + floor, errors measured against the fp64 `ref`."""
+    """Rule (3): err(got) <= 2 err(plain) + floor, errors measured against the fp64 `ref` (the bound is
+    msn_fast.kernels.selfcheck.flash_rule_bound, what the kernels' self-check uses)."""
     ref64 = ref.double()
     err = (got.double() - ref64).abs().max().item()
-    err_plain = (plain.double() - ref64).abs().max().item()
-    if dtype in LOWP_FLOOR:  # >= one ulp at the largest value: the interpreter truncates 16-bit stores
-        floor = LOWP_FLOOR[dtype] * max(1.0, ref64.abs().max().item())
-    else:
-        floor = rounding_bound(dtype, n, ref64.abs().max().item())
-    bound = 2 * err_plain + floor
+    bound = flash_rule_bound(ref64, plain, dtype, n)
     assert err <= bound, f"{name}: kernel error {err:.3e} > 2 x torch {dtype} error + floor = {bound:.3e}"
 
 
