@@ -5,6 +5,8 @@
 #
 # OUT defaults to bench/results/<UTC date>. Phases, in order (each one command, logged to OUT/logs/P.log):
 #   env             env.json: date, GPU, driver, torch/triton/python versions, git commit, this command
+#   check           python -m msn_fast.check --model vit_l7 --out OUT/check.json: versions, every kernel vs its
+#                   torch reference at ViT-L/7 shapes, timings, rooflines, the training step, the compile table
 #   tests           pytest tests -m gpu: the kernel tests at real shapes (and any other gpu-marked test)
 #   unit            (only with --with-unit) pytest tests/kernels -m "not gpu": small-shape kernel tests on the GPU
 #   bench_train_step, bench_attention, bench_prototype_loss, bench_patch_embed, bench_dataloader (when present):
@@ -37,7 +39,7 @@ while [[ $# -gt 0 ]]; do
     --allow-cpu) ALLOW_CPU=1; shift ;;
     --budget) BUDGET="$2"; shift 2 ;;
     --budget=*) BUDGET="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) if [[ -n "$OUT" ]]; then echo "gpu_check: two output folders given: $OUT and $1" >&2; exit 2; fi
        OUT="$1"; shift ;;
@@ -83,12 +85,12 @@ if [[ "$HAS_CUDA" != 1 && "$ALLOW_CPU" != 1 ]]; then
 fi
 
 # --- phases ------------------------------------------------------------------------------------------------
-PHASES=(env tests)
+PHASES=(env check tests)
 [[ "$WITH_UNIT" == 1 ]] && PHASES+=(unit)
 for b in train_step attention prototype_loss patch_embed dataloader; do
   [[ -f "bench/test_$b.py" ]] && PHASES+=("bench_$b")
 done
-declare -A LIMIT=([env]=60 [tests]=150 [unit]=150 [bench_attention]=120 [bench_patch_embed]=60
+declare -A LIMIT=([env]=60 [check]=120 [tests]=150 [unit]=150 [bench_attention]=120 [bench_patch_embed]=60
                   [bench_prototype_loss]=60 [bench_dataloader]=60 [bench_train_step]=240)
 
 write_summary() {  # OUT/gpu_check.json: each phase's status and seconds
@@ -147,6 +149,7 @@ EOF
 phase_cmd() {
   case "$1" in
     env) write_env ;;
+    check) "$PY" $PYFLAGS -m msn_fast.check --model vit_l7 --out "$OUT/check.json" ;;
     tests) "$PY" $PYFLAGS -m pytest tests -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" ;;
     unit) "$PY" $PYFLAGS -m pytest tests/kernels -m "not gpu" -q -p no:cacheprovider --junitxml="$OUT/tests_unit.xml" ;;
     bench_*)

@@ -4,13 +4,24 @@ Stands alone: imports torch, torchvision, numpy and PIL, never the model or the 
 only when a DALI loader is built (`build_dali_loader`; `dali_available()` says whether it can be).
 """
 
-from .dali import DaliMultiViewLoader, build_dali_loader, dali_available
-from .loader import MultiViewBatch, MultiViewLoader, ShardedSampler, build_loader, collate
-from .sources import DataError, Digits, ImageFolder, load_image, read_image, to_rgb
-from .views import IMAGENET_MEAN, IMAGENET_STD, MultiViewTransform, ViewRecipe, eval_transform
 
-__all__ = [
-    "MultiViewBatch", "MultiViewLoader", "ShardedSampler", "build_loader", "collate", "DataError", "Digits",
-    "ImageFolder", "load_image", "read_image", "to_rgb", "IMAGENET_MEAN", "IMAGENET_STD", "MultiViewTransform",
-    "ViewRecipe", "eval_transform", "DaliMultiViewLoader", "build_dali_loader", "dali_available",
-]
+if __name__ != "msn_fast.dataloading":
+    # A source checkout on sys.path (python run from the repository root) makes this folder importable as a
+    # top-level package `dataloading`, shadowing any other package of that name: transformers probes Hugging Face's
+    # `kernels` library by importing it. Imported so, this stays an empty module without __file__ (what such
+    # probes read as not installed) and imports nothing.
+    __file__ = None
+
+    def __getattr__(name: str):
+        raise AttributeError(f"{__name__!r} is msn-fast's dataloading/ folder: import msn_fast.dataloading instead")
+else:
+    from .dali import DaliMultiViewLoader, build_dali_loader, dali_available
+    from .loader import MultiViewBatch, MultiViewLoader, ShardedSampler, build_loader, collate
+    from .sources import DataError, Digits, ImageFolder, load_image, read_image, to_rgb
+    from .views import IMAGENET_MEAN, IMAGENET_STD, MultiViewTransform, ViewRecipe, eval_transform
+
+    __all__ = [
+        "MultiViewBatch", "MultiViewLoader", "ShardedSampler", "build_loader", "collate", "DataError", "Digits",
+        "ImageFolder", "load_image", "read_image", "to_rgb", "IMAGENET_MEAN", "IMAGENET_STD", "MultiViewTransform",
+        "ViewRecipe", "eval_transform", "DaliMultiViewLoader", "build_dali_loader", "dali_available",
+    ]

@@ -5,20 +5,32 @@ on it alone. Every public function takes `backend="auto" | "triton" | "torch"`: 
 on CUDA tensors when Triton is installed and torch otherwise; "triton" without it is a RuntimeError.
 """
 
-from .attention import attention, attention_ref
-from .patch_embed import embed_kept_patches, embed_kept_patches_ref
-from .prototype_loss import LossStats, msn_prototype_loss, msn_prototype_loss_ref, sinkhorn
-from .token_gather import gather_tokens, gather_tokens_ref
 
-__all__ = [
-    "attention",
-    "attention_ref",
-    "msn_prototype_loss",
-    "msn_prototype_loss_ref",
-    "sinkhorn",
-    "LossStats",
-    "embed_kept_patches",
-    "embed_kept_patches_ref",
-    "gather_tokens",
-    "gather_tokens_ref",
-]
+if __name__ != "msn_fast.kernels":
+    # A source checkout on sys.path (python run from the repository root) makes this folder importable as a
+    # top-level package `kernels`, shadowing any other package of that name: transformers probes Hugging Face's
+    # `kernels` library by importing it. Imported so, this stays an empty module without __file__ (what such
+    # probes read as not installed) and imports nothing
+    # (importing the kernels twice would register their torch custom ops again, over the first).
+    __file__ = None
+
+    def __getattr__(name: str):
+        raise AttributeError(f"{__name__!r} is msn-fast's kernels/ folder: import msn_fast.kernels instead")
+else:
+    from .attention import attention, attention_ref
+    from .patch_embed import embed_kept_patches, embed_kept_patches_ref
+    from .prototype_loss import LossStats, msn_prototype_loss, msn_prototype_loss_ref, sinkhorn
+    from .token_gather import gather_tokens, gather_tokens_ref
+
+    __all__ = [
+        "attention",
+        "attention_ref",
+        "msn_prototype_loss",
+        "msn_prototype_loss_ref",
+        "sinkhorn",
+        "LossStats",
+        "embed_kept_patches",
+        "embed_kept_patches_ref",
+        "gather_tokens",
+        "gather_tokens_ref",
+    ]

@@ -192,7 +192,7 @@ import os, sys
 import torch
 import torch.distributed as dist
 import msn_fast.model as msn_model
-from dataloading.loader import MultiViewBatch
+from msn_fast.dataloading.loader import MultiViewBatch
 from msn_fast.config import Config, HeadConfig, LossConfig, MaskConfig, OptimConfig, ViTConfig
 from msn_fast.distributed import init_distributed
 from msn_fast.runtime import build_model, build_optimizer

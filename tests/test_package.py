@@ -152,3 +152,24 @@ except RuntimeError as e:
     out = _run(code, tmp_path, interpret=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["ok"]
+
+
+def test_the_source_folders_imported_as_top_level_packages_are_inert():
+    """From the repository root, `import kernels` finds our kernels/ folder (transformers probes Hugging Face's
+    `kernels` library that way). It must stay an empty module without __file__ (read as not installed), and
+    the custom ops registered by msn_fast.kernels must keep calling msn_fast's launchers."""
+    code = """
+import importlib, torch
+from msn_fast.kernels import attention
+am = importlib.import_module("msn_fast.kernels.attention")
+import kernels, dataloading
+assert kernels.__file__ is None and dataloading.__file__ is None, (kernels.__file__, dataloading.__file__)
+assert not hasattr(kernels, "attention") and not hasattr(dataloading, "build_loader")
+calls, real = [], am.attention_fwd
+am.attention_fwd = lambda *a: (calls.append(1), real(*a))[1]
+q = torch.randn(1, 1, 5, 32)
+attention(q, q, q, backend="triton")
+assert calls == [1], calls
+"""
+    out = _run(code, cwd=Path(__file__).resolve().parents[1], interpret=True)
+    assert out.returncode == 0, out.stderr[-2000:]
