@@ -19,6 +19,7 @@ install_requires = [
     # scikit-learn: the low-shot logistic regression, and the embedded default dataset
     # (its bundled handwritten digits), so `python -m msn_fast.train` runs with no download.
     "scikit-learn>=1.3",
+    "tqdm>=4.62",  # progress bars of feature extraction and evaluation (plain log lines off a terminal)
     'triton>=3.0; platform_system == "Linux"',
 ]
 
@@ -27,10 +28,12 @@ extras_require = {
     "xformers": ["xformers"],
     "apex": ["apex"],
     "timm": ["timm>=1.0"],
+    "hf": ["transformers>=4.44"],  # msn_fast.interop.to_hf / from_hf / export-hf (tested with 5.24)
     "tensorboard": ["tensorboard"],
     "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib"],
-    # dev: what the test suite needs (timm for the interop tests); `dali` adds the DALI loader's tests.
-    "dev": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "ruff"],
+    # dev: what the test suite needs (timm and transformers for the interop tests, matplotlib for the plots);
+    # `dali` adds the DALI loader's tests.
+    "dev": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "transformers>=4.44", "matplotlib", "ruff"],
 }
 
 setup(
@@ -45,6 +48,6 @@ setup(
     package_dir={"msn_fast": "msn_fast", "msn_fast.kernels": "kernels", "msn_fast.dataloading": "dataloading"},
     install_requires=install_requires,
     extras_require=extras_require,
-    entry_points={"console_scripts": ["msn-train=msn_fast.train:main"]},
+    entry_points={"console_scripts": ["msn-train=msn_fast.train:main", "msn-fast-check=msn_fast.check:main"]},
     license="Apache-2.0",
 )

@@ -1,9 +1,11 @@
-"""Image sources: an image folder (with or without class sub-folders) and the embedded digits.
+"""Image sources: an image folder (with or without class sub-folders), the embedded digits, and the split layouts.
 
 A source is a sequence of (PIL RGB image | None, label) pairs; None means the file could not be
 decoded, and the loader replaces it, names it once and counts it once. `ImageFolder.load(i)` says why,
 without a warning (the loaders warn from the main process, once per file per run). Odd modes (greyscale,
 palette, CMYK, 16-bit, alpha) are converted to 8-bit RGB here, so every view pipeline sees the same input.
+`find_splits` reads a dataset folder with a train split and a held-out split (folders or lists, below), and
+`subset_indices` matches an official MSN/SimCLR subset file (one file name per line) to the train split.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +159,161 @@ class Digits(Sequence):
 
     def labels(self) -> np.ndarray:
         return self._labels.copy()
+
+
+# --- split layouts --------------------------------------------------------------------------------------
+
+DEFAULT_EXCLUDE = ("BACKGROUND_Google",)
+"""Classes left out of both splits unless told otherwise (Caltech-101's clutter class)."""
+HELD_OUT_SPLITS = ("val", "test")
+"""Held-out split names in order of preference: ImageNet's test/ has no labels, so val/ is scored first."""
+
+
+@dataclass
+class Splits:
+    """A labelled train split and the held-out split that is scored (`held_out_name`: "val" or "test")."""
+
+    train: ImageFolder
+    held_out: ImageFolder
+    held_out_name: str
+    layout: str  # how the splits were found, for the logs
+
+
+def split_layout(root: Path, eval_split: str = "auto") -> tuple[str, str, list[str]] | None:
+    """("lists" | "folders", held-out split, the other held-out splits present) of DIR, or None without a layout.
+
+    Lists (train.txt + val.txt / test.txt) come before folders (train/ + val/ / test/); `eval_split` "auto"
+    takes val before test."""
+    if eval_split not in ("auto", *HELD_OUT_SPLITS):
+        raise DataError(f"eval split {eval_split!r}: choose auto, {' or '.join(HELD_OUT_SPLITS)}")
+    for kind, has in (("lists", lambda s: (root / f"{s}.txt").is_file()), ("folders", lambda s: (root / s).is_dir())):
+        present = [s for s in HELD_OUT_SPLITS if has(s)] if has("train") else []
+        if not present:
+            continue
+        if eval_split != "auto" and eval_split not in present:
+            what = f"{eval_split}.txt" if kind == "lists" else f"{eval_split}/"
+            raise DataError(f"{root} has no {what} to evaluate on (it has {', '.join(present)})")
+        name = present[0] if eval_split == "auto" else eval_split
+        return kind, name, [s for s in present if s != name]
+    return None
+
+
+def read_list(path: Path) -> list[str]:
+    """Non-empty lines of a list file, without `#` comments."""
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def _list_splits(root: Path, names: tuple[str, str], exclude: set[str]) -> tuple[dict, Path]:
+    lists = {s: [f for f in read_list(root / f"{s}.txt") if Path(f).parts[0] not in exclude] for s in names}
+    for s, files in lists.items():
+        if not files:
+            raise DataError(f"{root}/{s}.txt lists no images (after excluding {sorted(exclude)})")
+    tr, ho = names
+    both = set(lists[tr]) & set(lists[ho])
+    if both:
+        raise DataError(f"{len(both)} images are listed in both {tr}.txt and {ho}.txt (e.g. {sorted(both)[0]}): "
+                        f"the {ho} split would leak into the labelled set")
+    first = lists[tr][0]
+    candidates = [root] + sorted(d for d in root.iterdir() if d.is_dir())
+    image_root = next((d for d in candidates if (d / first).is_file()), None)
+    if image_root is None:
+        raise DataError(f"{first} (first line of {root}/{tr}.txt) is neither under {root} nor one of its folders")
+    splits = {}
+    for s, files in lists.items():
+        src = ImageFolder(image_root, files=files)
+        if len(src) != len(set(files)):
+            found = {os.path.relpath(p, image_root) for p, _ in src.samples}
+            missing = sorted(set(files) - found)
+            raise DataError(f"{len(missing)} images of {root}/{s}.txt are missing or not images "
+                            f"(e.g. {image_root / missing[0]})")
+        if not src.labelled:
+            raise DataError(f"{root}/{s}.txt lists images outside class folders")
+        splits[s] = src
+    return splits, image_root
+
+
+def _folder_splits(root: Path, names: tuple[str, str], exclude: set[str]) -> dict:
+    splits = {s: ImageFolder(root / s) for s in names}
+    tr, ho = names
+    for s, src in splits.items():
+        if not src.labelled:
+            hint = " (sort ImageNet's val/ into its class folders first)" if s == "val" else ""
+            raise DataError(f"{root}/{s} has images outside class folders: labels are needed for evaluation{hint}")
+    if splits[tr].classes != splits[ho].classes:
+        extra = sorted(set(splits[ho].classes) ^ set(splits[tr].classes))
+        raise DataError(f"{root}/{tr} and {root}/{ho} have different class folders (e.g. {extra[0]})")
+    for s, src in splits.items():
+        keep = [x for x in src.samples if src.classes[x[1]] not in exclude]
+        if not keep:
+            raise DataError(f"no images left in {src.root} after excluding {sorted(exclude)}")
+        src.samples = keep
+    return splits
+
+
+def find_splits(data: str | os.PathLike, exclude: Sequence[str] | None = None, eval_split: str = "auto") -> Splits:
+    """The labelled train split and the held-out split of DIR (see `split_layout`); raises DataError on a leak.
+
+    `exclude` (default DEFAULT_EXCLUDE) drops class folders from both splits."""
+    root = Path(data)
+    exclude_set = set(DEFAULT_EXCLUDE if exclude is None else exclude)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    found = split_layout(root, eval_split)
+    if found is None:
+        raise DataError(f"{root} has neither train/ + val/ (or test/) class folders nor train.txt + val.txt "
+                        "(or test.txt) lists")
+    kind, held_out, others = found
+    names = ("train", held_out)
+    if kind == "lists":
+        splits, image_root = _list_splits(root, names, exclude_set)
+        layout = f"lists train.txt + {held_out}.txt under {image_root}"
+    else:
+        splits = _folder_splits(root, names, exclude_set)
+        layout = f"folders {root}/train + {root}/{held_out}"
+    if others:
+        layout += f" ({held_out} preferred over {', '.join(others)})" if eval_split == "auto" else ""
+    train, test = splits["train"], splits[held_out]
+    real = {os.path.realpath(p) for p, _ in train.samples}
+    leaked = [p for p, _ in test.samples if os.path.realpath(p) in real]
+    if leaked:
+        raise DataError(f"{len(leaked)} {held_out} images are also training images (e.g. {leaked[0]})")
+    missing = sorted({train.classes[c] for c in set(test.labels()) - set(train.labels())})
+    if missing:
+        log.warning("%s classes with no training image (never predicted): %s", held_out, ", ".join(missing[:5]))
+    return Splits(train, test, held_out, layout)
+
+
+def subset_indices(src: ImageFolder, names: Sequence[str], what: str) -> np.ndarray:
+    """Sorted indices into `src.samples` of the images `names` lists (`what` names the list in errors).
+
+    A name with a folder (`n01440764/n01440764_10026.JPEG`) is matched against the path under `src.root`;
+    a bare file name (the official ImageNet subsets: `n01440764_10026.JPEG`) against the file name, which must
+    then be unique in `src`. Raises DataError naming the first name not found and how many are missing."""
+    if not names:
+        raise DataError(f"{what} lists no images")
+    by_rel, by_name = {}, {}
+    for i, (path, _) in enumerate(src.samples):
+        rel = os.path.relpath(path, src.root)
+        by_rel[rel] = i
+        by_name.setdefault(os.path.basename(rel), []).append(i)
+    idx, missing = [], []
+    for n in names:
+        if n in by_rel:
+            hits = [by_rel[n]]
+        else:
+            hits = [] if "/" in n else by_name.get(n, [])
+        if len(hits) > 1:
+            raise DataError(f"{what}: {n} matches {len(hits)} images of {src.root} (give its folder too, e.g. "
+                            f"{os.path.relpath(src.samples[hits[0]][0], src.root)})")
+        if hits:
+            idx.extend(hits)
+        else:
+            missing.append(n)
+    if missing:
+        raise DataError(f"{len(missing)} of the {len(names)} images of {what} are not in the train split "
+                        f"{src.root} (e.g. {missing[0]})")
+    out = np.unique(np.asarray(idx, dtype=np.int64))
+    if len(out) != len(names):
+        log.warning("%s lists %d images more than once", what, len(names) - len(out))
+    return out

@@ -198,7 +198,10 @@ class RunConfig:
     device: str = "auto"
     """auto (cuda if available) | cpu | cuda | cuda:N"""
     max_steps: int = 0
-    """stop after this many steps (0 = run all epochs)"""
+    """stop after this many steps (0 = run all epochs); the schedules then decay over these steps"""
+    time_budget: float = 0.0
+    """wall-clock minutes for the whole run, end-of-run evaluation included (0 = none): the steps that fit are
+    planned from the first steps' speed and the schedules decay over them"""
     log_every: int = 10
     """steps between log lines"""
     checkpoint_every: int = 500
@@ -219,6 +222,8 @@ class RunConfig:
             raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints} must be >= 1")
         if self.checkpoint_every < 1:
             raise ValueError(f"run.checkpoint_every={self.checkpoint_every} must be >= 1")
+        if not (math.isfinite(self.time_budget) and self.time_budget >= 0):
+            raise ValueError(f"run.time_budget={self.time_budget} must be a number of minutes >= 0 (0 = none)")
         if self.max_bad_steps < 1:
             raise ValueError(f"run.max_bad_steps={self.max_bad_steps} must be >= 1")
 

@@ -7,10 +7,12 @@ Accuracy and per-class mean accuracy side by side. Features: the target encoder'
 last block before the final LayerNorm, one centre crop at the pre-training size (official eval);
 extracted once and cached (`--cache`), keyed by weights + image list + transform.
 
-DIR is either `DIR/train/<class>/*` + `DIR/test/<class>/*` (CIFAR-10 layout) or a list layout:
-`DIR/train.txt` + `DIR/test.txt` with image paths relative to DIR or to one sub-folder of it
-(Caltech-101: `101_ObjectCategories/`); a path's first folder is its class. `--exclude-class`
-(default BACKGROUND_Google) drops a class from both splits. A file in both splits is an error.
+DIR is either `DIR/train/<class>/*` + `DIR/val/<class>/*` or `DIR/test/<class>/*` (ImageNet, CIFAR-10
+layouts) or a list layout: `DIR/train.txt` + `DIR/val.txt` or `DIR/test.txt` with image paths relative to DIR
+or to one sub-folder of it (Caltech-101: `101_ObjectCategories/`); a path's first folder is its class. With
+both val and test, val is scored (`--eval-split test` for the other). `--exclude-class` (default
+BACKGROUND_Google) drops a class from both splits. A file in both splits is an error. `--subset-file`
+(the official imagenet_subsets files, one train file name per line) replaces the random labelled draws.
 
 Features: `--checkpoint` (an msn-fast run/step directory, an official MSN .pth.tar, or a timm-layout
 ViT state dict), `--random-init` (same architecture as --checkpoint, or the --model recipe's, random
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from msn_fast.dataloading import DataError, ImageFolder, eval_transform
+from msn_fast.dataloading.sources import Splits, find_splits, read_list, subset_indices
 
 from .checkpoint import CheckpointError
 from .cli import UsageError
@@ -44,8 +47,11 @@ from .evaluation import (
     knn_eval,
     linear_probe,
     lowshot_eval,
+    plot_results,
+    subset_eval,
 )
 from .interop import InteropError
+from .progress import Progress, set_enabled
 
 log = logging.getLogger("msn_fast.eval")
 
@@ -55,9 +61,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a None default is explained in the help text, not shown
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m msn_fast.eval", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="python -m msn_fast.eval", description=__doc__.split("\n\n")[0], formatter_class=_Formatter)
     src = p.add_argument_group("features (one of)")
     src.add_argument("--checkpoint", help="msn-fast run or step directory, official MSN checkpoint file, "
                      "or timm-layout ViT state dict (.pth)")
@@ -67,14 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", default="vit_tiny", help="recipe for --random-init / --raw-pixels without "
                      "--checkpoint (image size and architecture)")
     src.add_argument("--heads", type=int, help="attention heads of a checkpoint whose width is not an official model's")
-    p.add_argument("--data", required=True, help="DIR with train/ and test/ class folders, or train.txt + test.txt")
+    p.add_argument("--data", required=True, help="DIR with train/ and val/ or test/ class folders, or train.txt and "
+                   "val.txt or test.txt")
+    p.add_argument("--eval-split", choices=("auto", "val", "test"), default="auto",
+                   help="held-out split scored; auto: val when DIR has one, else test")
     p.add_argument("--exclude-class", action="append", default=None, metavar="NAME",
                    help="class folder left out of both splits (repeatable; default: BACKGROUND_Google)")
     p.add_argument("--img-size", type=int, help="evaluation crop size (default: the pre-training global view size)")
     ev = p.add_argument_group("evaluations")
-    ev.add_argument("--shots", type=int, nargs="*", default=[1, 2, 5], help="labelled images per class")
-    ev.add_argument("--fractions", type=float, nargs="*", default=[0.01, 0.1], help="fractions of the train labels")
+    ev.add_argument("--shots", type=int, nargs="*", help="labelled images per class, random draws (default 1 2 5; "
+                    "none with --subset-file)")
+    ev.add_argument("--fractions", type=float, nargs="*", help="fractions of the train labels, random draws "
+                    "(default 0.01 0.1; none with --subset-file)")
     ev.add_argument("--draws", type=int, default=5, help="random labelled sets per setting")
+    ev.add_argument("--subset-file", action="append", metavar="FILE", help="fixed labelled set: one train image "
+                    "file name per line (imagenet_subsets*/1imgs_class.txt, 1percent.txt); repeatable: files of one "
+                    "kind (e.g. the three 1-image splits) give mean ± std over the files, in place of random draws")
     ev.add_argument("--reg", default="cv", help="λ of the logistic regression: 'cv' (cross-validated inside each "
                     "labelled set; 1e-3 at one image per class) or a number")
     ev.add_argument("--knn-k", type=int, default=20, help="k of the k-NN (0: no k-NN)")
@@ -87,90 +105,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--name", help="label of this feature set in the report")
+    p.add_argument("--baselines", action="store_true", help="also evaluate random-init weights and raw pixels "
+                   "on the same splits")
     p.add_argument("--out", help="also write the report as JSON here")
+    p.add_argument("--plot", metavar="PNG", help="draw accuracy against labelled images per class (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines "
+                   "(also: MSN_FAST_PROGRESS=0)")
     return p
 
 
 # --- data -----------------------------------------------------------------------------------------------
 
-def _read_list(path: Path) -> list[str]:
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
-    return [ln for ln in lines if ln and not ln.startswith("#")]
-
-
-def _drop_classes(src: ImageFolder, exclude: set[str]) -> ImageFolder:
-    keep = [s for s in src.samples if s[1] < 0 or src.classes[s[1]] not in exclude]
-    if not keep:
-        raise DataError(f"no images left in {src.root} after excluding {sorted(exclude)}")
-    src.samples = keep
-    return src
-
-
-def load_splits(data: str | os.PathLike, exclude: list[str] | None = None) -> tuple[ImageFolder, ImageFolder, str]:
-    """(train source, test source, description) of DIR in either layout; raises DataError on leaks.
+def load_splits(data: str | os.PathLike, exclude: list[str] | None = None,
+                eval_split: str = "auto") -> tuple[ImageFolder, ImageFolder, str]:
+    """(train source, held-out source, description) of DIR in either layout; raises DataError on leaks.
 
     The description counts the image files listed; `evaluate` reports those actually read (see data_summary)."""
-    train, test, layout = find_splits(data, exclude)
-    return train, test, data_summary(layout, len(train), len(test), len(set(train.labels())))
+    s = find_splits(data, exclude, eval_split)
+    return s.train, s.held_out, data_summary(s.layout, len(s.train), len(s.held_out), len(set(s.train.labels())),
+                                             held_out=s.held_out_name)
 
 
-def data_summary(layout: str, n_train: int, n_test: int, n_classes: int, unreadable: int = 0) -> str:
+def data_summary(layout: str, n_train: int, n_test: int, n_classes: int, unreadable: int = 0,
+                 held_out: str = "test") -> str:
     skipped = f" ({unreadable} unreadable skipped)" if unreadable else ""
-    return f"{layout}: {n_train} train / {n_test} test images{skipped}, {n_classes} classes"
+    return (f"{layout}: {n_train} train / {n_test} {held_out} images{skipped}, {n_classes} classes; "
+            f"evaluated on {held_out}")
 
 
-def find_splits(data: str | os.PathLike, exclude: list[str] | None = None) -> tuple[ImageFolder, ImageFolder, str]:
-    """(train source, test source, layout) of DIR in either layout; raises DataError on leaks."""
-    root = Path(data)
-    exclude_set = set(["BACKGROUND_Google"] if exclude is None else exclude)
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist")
-    if (root / "train.txt").is_file() and (root / "test.txt").is_file():
-        lists = {s: [f for f in _read_list(root / f"{s}.txt") if Path(f).parts[0] not in exclude_set]
-                 for s in ("train", "test")}
-        if not lists["train"] or not lists["test"]:
-            raise DataError(f"{root}/train.txt or test.txt lists no images (after excluding {sorted(exclude_set)})")
-        both = set(lists["train"]) & set(lists["test"])
-        if both:
-            raise DataError(f"{len(both)} images are listed in both train.txt and test.txt (e.g. {sorted(both)[0]}): "
-                            "the test split would leak into the labelled set")
-        first = lists["train"][0]
-        candidates = [root] + sorted(d for d in root.iterdir() if d.is_dir())
-        image_root = next((d for d in candidates if (d / first).is_file()), None)
-        if image_root is None:
-            raise DataError(f"{first} (first line of {root}/train.txt) is neither under {root} nor one of its folders")
-        splits = {}
-        for s, files in lists.items():
-            src = ImageFolder(image_root, files=files)
-            if len(src) != len(set(files)):
-                found = {os.path.relpath(p, image_root) for p, _ in src.samples}
-                missing = sorted(set(files) - found)
-                raise DataError(f"{len(missing)} images of {root}/{s}.txt are missing or not images "
-                                f"(e.g. {image_root / missing[0]})")
-            if not src.labelled:
-                raise DataError(f"{root}/{s}.txt lists images outside class folders")
-            splits[s] = src
-        layout = f"lists train.txt/test.txt under {image_root}"
-    elif (root / "train").is_dir() and (root / "test").is_dir():
-        splits = {s: ImageFolder(root / s) for s in ("train", "test")}
-        if splits["train"].classes != splits["test"].classes:
-            raise DataError(f"{root}/train and {root}/test have different class folders")
-        for s, src in splits.items():
-            if not src.labelled:
-                raise DataError(f"{root}/{s} has images outside class folders: labels are needed for evaluation")
-            _drop_classes(src, exclude_set)
-        layout = f"folders {root}/train and {root}/test"
-    else:
-        raise DataError(f"{root} has neither train/ and test/ class folders nor train.txt and test.txt")
-    train, test = splits["train"], splits["test"]
-    real = {os.path.realpath(p) for p, _ in train.samples}
-    leaked = [p for p, _ in test.samples if os.path.realpath(p) in real]
-    if leaked:
-        raise DataError(f"{len(leaked)} test images are also training images (e.g. {leaked[0]})")
-    missing = sorted({train.classes[c] for c in set(test.labels()) - set(train.labels())})
-    if missing:
-        log.warning("test classes with no training image (never predicted): %s", ", ".join(missing[:5]))
-    return train, test, layout
+def labelled_subsets(files: list[str], train: ImageFolder) -> dict[str, np.ndarray]:
+    """Subset file -> indices into `train.samples` of the images it lists (DataError for a name not found)."""
+    out = {}
+    for f in files:
+        if not Path(f).is_file():
+            raise UsageError(f"--subset-file {f} does not exist")
+        out[f] = subset_indices(train, read_list(Path(f)), f)
+    return out
+
+
+def _rows(samples: np.ndarray, kept: np.ndarray, src: ImageFolder, what: str) -> np.ndarray:
+    """Feature rows of the sample indices `samples`, given the sample index of each row (`kept`)."""
+    pos = np.minimum(np.searchsorted(kept, samples), max(len(kept) - 1, 0))
+    bad = samples[kept[pos] != samples] if len(kept) else samples
+    if len(bad):
+        raise DataError(f"{len(bad)} images of {what} are unreadable (e.g. {src.samples[bad[0]][0]})")
+    return pos
 
 
 # --- features -------------------------------------------------------------------------------------------
@@ -247,17 +226,18 @@ def load_encoder(args, device) -> tuple[Config, torch.nn.Module | None, str]:
 
 
 def cached_features(fn, src: ImageFolder, transform, key_parts: dict, cache: Path | None, device,
-                    batch_size: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(features, labels, from_cache). The key covers the weights, every image (path, size, mtime) and the
-    transform; a changed file, checkpoint or crop size extracts anew."""
+                    batch_size: int, desc: str = "features") -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(features, labels, index into src of each row, from_cache). The key covers the weights, every image
+    (path, size, mtime) and the transform; a changed file, checkpoint or crop size extracts anew."""
     file = cache / f"{_cache_key(key_parts, src, transform)}.npz" if cache is not None else None
-    if file is not None and file.is_file():
-        with np.load(file) as z:
-            return z["x"], z["y"], True
-    x, y = extract_features(fn, src, transform, batch_size=batch_size, device=device)
+    hit = _load(file, len(src))
+    if hit is not None:
+        return (*hit, True)
+    x, y, kept = extract_features(fn, src, transform, batch_size=batch_size, device=device, desc=desc,
+                                  with_index=True)
     if file is not None:
-        _save(file, x, y)
-    return x, y, False
+        _save(file, x, y, kept)
+    return x, y, kept, False
 
 
 PIXEL_CACHE_BYTES = 2 * 2**30
@@ -265,26 +245,29 @@ PIXEL_CACHE_BYTES = 2 * 2**30
 
 
 def features_via_pixels(fn, spec: dict, src, tf, size: int, split: str, cache: Path | None, device,
-                        batch_size: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Features of one split. Small datasets are decoded once into a cached pixel array (the raw-pixel
-    features), which every encoder then reads instead of decoding the images again."""
+                        batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Features of one split, as `cached_features`. Small datasets are decoded once into a cached pixel array
+    (the raw-pixel features), which every encoder then reads instead of decoding the images again."""
     raw = {"kind": "raw-pixels", "split": split}
     if spec["kind"] == "raw-pixels" or len(src) * 3 * size * size * 4 > PIXEL_CACHE_BYTES or cache is None:
-        return cached_features(fn, src, tf, {**spec, "split": split}, cache, device, batch_size)
+        desc = f"{split} images" if spec["kind"] == "raw-pixels" else f"{split} features"
+        return cached_features(fn, src, tf, {**spec, "split": split}, cache, device, batch_size, desc)
     key = _cache_key({**spec, "split": split}, src, tf)
     file = cache / f"{key}.npz"
-    if file.is_file():
-        with np.load(file) as z:
-            return z["x"], z["y"], True
-    pix, y, _ = cached_features(lambda x: x.flatten(1), src, tf, raw, cache, device, batch_size)
+    hit = _load(file, len(src))
+    if hit is not None:
+        return (*hit, True)
+    pix, y, kept, _ = cached_features(lambda x: x.flatten(1), src, tf, raw, cache, device, batch_size,
+                                      f"{split} images into the pixel cache")
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), Progress(len(pix), f"{split} features from the pixel cache", log, unit="img") as bar:
         for s in range(0, len(pix), batch_size):
             batch = torch.from_numpy(pix[s:s + batch_size]).view(-1, 3, size, size).to(device)
             out.append(fn(batch).float().cpu())
+            bar.update(len(batch))
     x = torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-    _save(file, x, y)
-    return x, y, False
+    _save(file, x, y, kept)
+    return x, y, kept, False
 
 
 def _cache_key(key_parts: dict, src, transform) -> str:
@@ -292,17 +275,28 @@ def _cache_key(key_parts: dict, src, transform) -> str:
                                       sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
-def _save(file: Path, x: np.ndarray, y: np.ndarray) -> None:
+def _load(file: Path | None, n_src: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(x, y, kept) of a cache file, or None. A file from before `kept` was stored counts only when every image
+    was read (then kept is every index)."""
+    if file is None or not file.is_file():
+        return None
+    with np.load(file) as z:
+        x, y = z["x"], z["y"]
+        if "kept" in z:
+            return x, y, z["kept"]
+    return (x, y, np.arange(n_src)) if len(y) == n_src else None
+
+
+def _save(file: Path, x: np.ndarray, y: np.ndarray, kept: np.ndarray) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, x=x, y=y)
+    np.savez(tmp, x=x, y=y, kept=kept)
     os.replace(tmp, file)
 
 
 # --- main -----------------------------------------------------------------------------------------------
 
-def evaluate(args) -> dict:
-    t0 = time.perf_counter()
+def _check_args(args) -> None:
     if args.raw_pixels and args.random_init:
         raise UsageError("choose one of --random-init and --raw-pixels")
     if not (args.checkpoint or args.random_init or args.raw_pixels):
@@ -314,19 +308,40 @@ def evaluate(args) -> dict:
             raise UsageError(f"--reg expects 'cv' or a number; got {args.reg!r}") from None
         if args.reg <= 0:
             raise UsageError(f"--reg must be positive; got {args.reg}")
+    # random draws by default; a subset file replaces them unless they are asked for too
+    if args.shots is None:
+        args.shots = [] if args.subset_file else [1, 2, 5]
+    if args.fractions is None:
+        args.fractions = [] if args.subset_file else [0.01, 0.1]
     if args.draws < 1 or any(k < 1 for k in args.shots) or any(not 0 < f <= 1 for f in args.fractions):
         raise UsageError("--draws and --shots must be >= 1 and --fractions in (0, 1]")
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
+    if args.plot:
         try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UsageError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device} but no CUDA device is available")
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError('--plot needs matplotlib: pip install "msn-fast[bench]"') from None
 
-    train, test, layout = find_splits(args.data, args.exclude_class)
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} but no CUDA device is available")
+    return device
+
+
+def evaluate(args, splits: Splits | None = None) -> dict:
+    """The report of one feature set (see main); `splits` saves reading DIR again for --baselines."""
+    t0 = time.perf_counter()
+    _check_args(args)
+    device = _device(args.device)
+    splits = splits or find_splits(args.data, args.exclude_class, args.eval_split)
+    train, test, held_out = splits.train, splits.held_out, splits.held_out_name
+    subsets = labelled_subsets(args.subset_file or [], train)
     cfg, trunk, name = load_encoder(args, device)
     name = args.name or name
     size = args.img_size or cfg.data.global_size
@@ -339,20 +354,26 @@ def evaluate(args) -> dict:
         fn, spec = trunk.extract_features, {"kind": "cls-prenorm", "weights": _digest_tensors(trunk.state_dict())}
     cache = None if args.no_cache else Path(args.cache)
     feats, cached, unreadable = {}, {}, {}
-    for split, src in (("train", train), ("test", test)):
-        x, y, cached[split] = features_via_pixels(fn, spec, src, tf, size, split, cache, device, args.batch_size)
-        feats[split], unreadable[split] = (x, y), len(src) - len(y)  # extraction leaves unreadable files out
+    for split, src in (("train", train), (held_out, test)):
+        x, y, kept, cached[split] = features_via_pixels(fn, spec, src, tf, size, split, cache, device,
+                                                        args.batch_size)
+        feats[split], unreadable[split] = (x, y, kept), len(src) - len(y)  # extraction leaves unreadable files out
         if not len(y):
             raise DataError(f"all {len(src)} {split} images of {args.data} are unreadable")
     t_feat = time.perf_counter() - t0
-    (xtr, ytr), (xte, yte) = feats["train"], feats["test"]
-    data_desc = data_summary(layout, len(ytr), len(yte), len(np.unique(ytr)), sum(unreadable.values()))
+    (xtr, ytr, kept), (xte, yte, _) = feats["train"], feats[held_out]
+    data_desc = data_summary(splits.layout, len(ytr), len(yte), len(np.unique(ytr)), sum(unreadable.values()),
+                             held_out)
     if any(unreadable.values()):
-        log.warning("%d train and %d test images are unreadable: left out", unreadable["train"], unreadable["test"])
-    log.info("features %s: train %s, test %s (%s; %.0f s)", name, xtr.shape, xte.shape,
+        log.warning("%d train and %d %s images are unreadable: left out", unreadable["train"], unreadable[held_out],
+                    held_out)
+    log.info("features %s: train %s, %s %s (%s; %.0f s)", name, xtr.shape, held_out, xte.shape,
              "from the cache" if all(cached.values()) else "extracted", t_feat)
 
     results = []
+    if subsets:
+        rows = {f: _rows(idx, kept, train, f) for f, idx in subsets.items()}
+        results += subset_eval(xtr, ytr, xte, yte, rows, seed=args.seed, reg=args.reg)
     if args.shots:
         results += lowshot_eval(xtr, ytr, xte, yte, shots=args.shots, draws=args.draws, seed=args.seed, reg=args.reg)
     if args.fractions:
@@ -365,14 +386,27 @@ def evaluate(args) -> dict:
         results.append(linear_probe(xtr, ytr, xte, yte, seed=args.seed, grid=grid))
     elapsed = time.perf_counter() - t0
     return {
-        "features": name, "data": data_desc, "img_size": size, "feature_dim": int(xtr.shape[1]),
-        "num_classes": int(len(np.unique(ytr))), "chance": float(1.0 / len(np.unique(ytr))),
-        "train_images": int(len(ytr)), "test_images": int(len(yte)), "unreadable_images": unreadable,
-        "draws": args.draws, "seed": args.seed,
-        "reg": args.reg, "features_cached": cached,
-        "seconds": {"features": round(t_feat, 1), "total": round(elapsed, 1)},
+        "features": name, "data": data_desc, "eval_split": held_out, "img_size": size,
+        "feature_dim": int(xtr.shape[1]), "num_classes": int(len(np.unique(ytr))),
+        "chance": float(1.0 / len(np.unique(ytr))), "train_images": int(len(ytr)), "test_images": int(len(yte)),
+        "unreadable_images": unreadable, "draws": args.draws, "seed": args.seed, "reg": args.reg,
+        "features_cached": cached, "seconds": {"features": round(t_feat, 1), "total": round(elapsed, 1)},
         "results": {r.name: r.to_dict() for r in results}, "_results": results,
     }
+
+
+def evaluate_all(args) -> list[dict]:
+    """This feature set's report, then (--baselines) random-init weights' and raw pixels' on the same splits."""
+    _check_args(args)
+    splits = find_splits(args.data, args.exclude_class, args.eval_split)
+    reports = [evaluate(args, splits)]
+    if args.baselines:
+        for kind in ("random_init", "raw_pixels"):
+            if not getattr(args, kind):
+                base = argparse.Namespace(**{**vars(args), "random_init": False, "raw_pixels": False, kind: True,
+                                             "name": None})
+                reports.append(evaluate(base, splits))
+    return reports
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,19 +414,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args = build_parser().parse_args(argv)
-        report = evaluate(args)
+        set_enabled(False if args.no_progress else None)
+        reports = evaluate_all(args)
     except (UsageError, DataError, CheckpointError, InteropError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    results = report.pop("_results")
-    print(f"{report['features']} | {report['data']} | {report['img_size']} px, {report['feature_dim']}-d features | "
-          f"chance {100 * report['chance']:.1f}% | {report['seconds']['total']:.0f} s")
-    print(format_results(results))
+    finally:
+        set_enabled(None)
+    for report in reports:
+        results = report.pop("_results")
+        print(f"{report['features']} | {report['data']} | {report['img_size']} px, {report['feature_dim']}-d "
+              f"features | chance {100 * report['chance']:.1f}% | {report['seconds']['total']:.0f} s")
+        print(format_results(results))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        Path(args.out).write_text(json.dumps({**reports[0], "baselines": reports[1:]} if args.baselines
+                                             else reports[0], indent=2))
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot_results(reports, args.plot)
+        log.info("plot written to %s", args.plot)
     return 0
 
 

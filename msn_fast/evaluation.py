@@ -15,6 +15,9 @@ is nothing to cross-validate, so "cv" uses the fixed `ONE_SHOT_REG` there.
 k-NN (`knn_eval`): cosine similarity between L2-normalised features, the k = 20 nearest training
 images vote with weights exp(sim / T), T = 0.07 (DINO's weighted k-NN); `temperature=None` gives a
 plain majority vote (ties to the nearest neighbour's class).
+
+Fixed labelled sets (`subset_eval`, the official ImageNet subset files) replace the random draws: each
+file is one "draw". Long loops report progress (msn_fast/progress.py); `plot_results` draws the report.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .progress import Progress, track
+
 log = logging.getLogger(__name__)
 
 REG_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -38,33 +43,35 @@ MAX_FOLDS = 3
 
 @torch.no_grad()
 def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], source: Sequence, transform,
-                     batch_size: int = 256, device="cpu") -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int = 256, device="cpu", desc: str = "features", with_index: bool = False):
     """Apply `fn` (images [B,3,S,S] -> features [B,D]) to every readable image of `source`.
 
-    Returns (features [N, D] float32, labels [N]); unreadable images are left out.
+    Returns (features [N, D] float32, labels [N]); unreadable images are left out. `with_index` adds
+    the indices into `source` of the N images read. `desc` names the loop in the progress output.
     """
-    feats, labels, batch, batch_labels = [], [], [], []
+    feats, labels, kept, batch = [], [], [], []
 
     def flush():
         if batch:
             x = torch.stack(batch).to(device)
             feats.append(fn(x).float().cpu())
-            labels.extend(batch_labels)
             batch.clear()
-            batch_labels.clear()
 
-    for i in range(len(source)):
-        img, label = source[i]
-        if img is None:
-            continue
-        batch.append(transform(img))
-        batch_labels.append(label)
-        if len(batch) == batch_size:
-            flush()
-    flush()
-    if not feats:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    return torch.cat(feats).numpy(), np.asarray(labels)
+    with Progress(len(source), desc, log, unit="img") as bar:
+        for i in range(len(source)):
+            img, label = source[i]
+            bar.update()
+            if img is None:
+                continue
+            batch.append(transform(img))
+            labels.append(label)
+            kept.append(i)
+            if len(batch) == batch_size:
+                flush()
+        flush()
+    x = torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32)
+    y = np.asarray(labels, dtype=np.int64)
+    return (x, y, np.asarray(kept, dtype=np.int64)) if with_index else (x, y)
 
 
 def preprocess(x: np.ndarray) -> np.ndarray:
@@ -126,17 +133,19 @@ def choose_reg(x: np.ndarray, y: np.ndarray, grid: Sequence[float] = REG_GRID, s
         return float(grid[0]) if len(grid) == 1 else ONE_SHOT_REG
     splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y))
     best, best_key = None, None
-    for lam in sorted(grid):
-        accs, losses = [], []
-        for tr, va in splits:
-            clf = fit(x[tr], y[tr], lam)
-            accs.append(float((clf.predict(x[va]) == y[va]).mean()))
-            proba = clf.predict_proba(x[va])
-            col = np.searchsorted(clf.classes_, y[va])
-            losses.append(float(-np.log(np.clip(proba[np.arange(len(va)), col], 1e-12, None)).mean()))
-        key = (round(float(np.mean(accs)), 9), -round(float(np.mean(losses)), 9), lam)
-        if best_key is None or key >= best_key:
-            best, best_key = lam, key
+    with Progress(len(grid) * folds, f"λ search ({len(y)} images, {folds} folds)", log, unit="fit") as bar:
+        for lam in sorted(grid):
+            accs, losses = [], []
+            for tr, va in splits:
+                clf = fit(x[tr], y[tr], lam)
+                accs.append(float((clf.predict(x[va]) == y[va]).mean()))
+                proba = clf.predict_proba(x[va])
+                col = np.searchsorted(clf.classes_, y[va])
+                losses.append(float(-np.log(np.clip(proba[np.arange(len(va)), col], 1e-12, None)).mean()))
+                bar.update()
+            key = (round(float(np.mean(accs)), 9), -round(float(np.mean(losses)), 9), lam)
+            if best_key is None or key >= best_key:
+                best, best_key = lam, key
     return float(best)
 
 
@@ -149,6 +158,7 @@ class EvalResult:
     class_mean_accuracy: list[float]
     reg: list[float | None] = field(default_factory=list)
     num_labelled: list[int] = field(default_factory=list)
+    labelled_sets: list[str] = field(default_factory=list)  # the subset files, when not random draws
 
     @property
     def mean(self) -> float:
@@ -167,9 +177,10 @@ class EvalResult:
         return float(np.std(self.class_mean_accuracy))
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std, "class_mean": self.class_mean, "class_std": self.class_std,
-                "accuracy": self.accuracy, "class_mean_accuracy": self.class_mean_accuracy, "reg": self.reg,
-                "num_labelled": self.num_labelled}
+        out = {"mean": self.mean, "std": self.std, "class_mean": self.class_mean, "class_std": self.class_std,
+               "accuracy": self.accuracy, "class_mean_accuracy": self.class_mean_accuracy, "reg": self.reg,
+               "num_labelled": self.num_labelled}
+        return {**out, "labelled_sets": self.labelled_sets} if self.labelled_sets else out
 
 
 class ShotResult(EvalResult):
@@ -191,10 +202,11 @@ def _draw_rng(seed: int, tag: int, draw: int) -> np.random.Generator:
     return np.random.default_rng([seed, tag, draw])
 
 
-def _subset_eval(name, train_x, train_y, test_x, test_y, draw_fn, tag, draws, seed, reg, grid, fit):
+def _subset_eval(name, train_x, train_y, test_x, test_y, draw_fn, draws, seed, reg, grid, fit):
+    """Fit and score once per labelled set `draw_fn(d)`, d < draws (indices into the train arrays)."""
     accs, cmeans, regs, sizes = [], [], [], []
-    for d in range(draws):
-        idx = draw_fn(train_y, _draw_rng(seed, tag, d))
+    for d in track(range(draws), f"{name}: labelled sets", log, unit="set"):
+        idx = draw_fn(d)
         x, y = train_x[idx], train_y[idx]
         lam = choose_reg(x, y, grid, seed=seed + d, fit=fit) if reg == "cv" else float(reg)
         acc, cmean = _score(fit(x, y, lam), test_x, test_y)
@@ -218,8 +230,8 @@ def lowshot_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     out = []
     for k in shots:
         _, accs, cmeans, regs, sizes = _subset_eval(
-            f"{k}-shot", train_x, train_y, test_x, test_y, lambda y, rng, k=k: draw_labelled(y, k, rng), k, draws,
-            seed, reg, grid, fit)
+            f"{k}-shot", train_x, train_y, test_x, test_y,
+            lambda d, k=k: draw_labelled(train_y, k, _draw_rng(seed, k, d)), draws, seed, reg, grid, fit)
         out.append(ShotResult(k, accs, cmeans, regs, sizes))
     return out
 
@@ -234,8 +246,35 @@ def fraction_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, 
     for f in fractions:
         tag = 1_000_000 + int(round(f * 1e6))
         res = _subset_eval(f"{100 * f:g}% labels", train_x, train_y, test_x, test_y,
-                           lambda y, rng, f=f: draw_fraction(y, f, rng), tag, draws, seed, reg, grid, fit)
+                           lambda d, f=f, tag=tag: draw_fraction(train_y, f, _draw_rng(seed, tag, d)), draws, seed,
+                           reg, grid, fit)
         out.append(EvalResult(*res))
+    return out
+
+
+def subset_name(labels: np.ndarray, num_train: int, num_classes: int) -> str:
+    """"k-shot subset" when a labelled set holds k images of each of the classes, else "p% labels subset"."""
+    counts = np.bincount(np.unique(labels, return_inverse=True)[1])
+    if len(counts) == num_classes and counts.min() == counts.max():
+        return f"{int(counts[0])}-shot subset"
+    return f"{100 * len(labels) / num_train:.3g}% labels subset"
+
+
+def subset_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                subsets: dict[str, np.ndarray], seed: int = 0, reg: float | str = "cv",
+                grid: Sequence[float] = REG_GRID, fit: Callable = fit_logreg) -> list[EvalResult]:
+    """As `lowshot_eval` on fixed labelled sets (file name -> indices into the train arrays) instead of
+    random draws. Sets of one kind (`subset_name`: the 1-image files of imagenet_subsets1/2/3) are the
+    draws of one result, so mean ± std is over the files, as the paper's over its three splits."""
+    train_x, test_x = preprocess(train_x), preprocess(test_x)
+    groups: dict[str, list[str]] = {}
+    for file, idx in subsets.items():
+        groups.setdefault(subset_name(train_y[idx], len(train_y), len(np.unique(train_y))), []).append(file)
+    out = []
+    for name, files in groups.items():
+        res = _subset_eval(name, train_x, train_y, test_x, test_y, lambda d, files=files: subsets[files[d]],
+                           len(files), seed, reg, grid, fit)
+        out.append(EvalResult(*res, labelled_sets=files))
     return out
 
 
@@ -257,7 +296,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
         n_val = max(int(round(holdout * len(train_y))), len(counts))
         tr, va = train_test_split(np.arange(len(train_y)), test_size=n_val, stratify=train_y, random_state=seed)
         scores = [(float((fit(train_x[tr], train_y[tr], g).predict(train_x[va]) == train_y[va]).mean()), g)
-                  for g in sorted(grid)]
+                  for g in track(sorted(grid), "linear probe: λ search", log, unit="fit")]
         lam = max(scores)[1]
     elif len(grid) == 1:
         lam = float(grid[0])
@@ -314,3 +353,48 @@ def format_results(results: Sequence[EvalResult]) -> str:
         lines.append(f"{r.name:<20}{len(r.accuracy):>6}{n:>10}{100 * r.mean:>9.1f} ± {100 * r.std:<4.1f}"
                      f"{100 * r.class_mean:>9.1f} ± {100 * r.class_std:<4.1f}  {lam}")
     return "\n".join(lines)
+
+
+def _plotted(name: str) -> bool:
+    """The label-efficiency results (k-shot, % labels, their subset forms); not k-NN or the linear probe."""
+    return name.endswith(("-shot", "% labels", " subset"))
+
+
+def plot_results(reports: Sequence[dict], png) -> object:
+    """Top-1 accuracy against labelled images per class (log x), error bars = std over the draws; one series per
+    feature set (and per kind of labelled set: random draws, subset files). Writes `png`, returns the Figure.
+
+    `reports`: msn_fast.eval reports ("features", "num_classes", "chance", "data", "results" as to_dict()).
+    Raises ImportError without matplotlib (the `bench` extra)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.add_subplot()
+    ticks: dict[float, str] = {}
+    for i, rep in enumerate(reports):
+        for subset in (False, True):
+            pts = sorted((float(np.mean(r["num_labelled"])) / rep["num_classes"], 100 * r["mean"], 100 * r["std"],
+                          name.removesuffix(" subset")) for name, r in rep["results"].items()
+                         if _plotted(name) and name.endswith(" subset") == subset)
+            if not pts:
+                continue
+            xs, ys, errs, names = zip(*pts)
+            ticks.update({round(x, 3): n for x, n in zip(xs, names)})
+            ax.errorbar(xs, ys, yerr=errs, color=f"C{i}", marker="s" if subset else "o", linestyle="--" if subset
+                        else "-", capsize=3, label=rep["features"] + (" (subset files)" if subset else ""))
+    if reports:
+        ax.axhline(100 * reports[0]["chance"], color="gray", linestyle=":", label="chance")
+    ax.set_xscale("log")
+    ax.set_xticks(list(ticks), labels=[f"{x:.3g}\n{n}" for x, n in ticks.items()])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlabel="labelled images per class (log scale)", ylabel="top-1 accuracy (%)",
+           title="Label efficiency: logistic regression on frozen features (mean ± std over draws)")
+    ax.title.set_fontsize(10)
+    if reports:
+        fig.text(0.01, 0.01, reports[0]["data"], fontsize=7, color="dimgray")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(png, dpi=120)
+    return fig

@@ -1,4 +1,4 @@
-"""Weights in and out: the official MSN checkpoints, and timm's `VisionTransformer` layout.
+"""Weights in and out: the official MSN checkpoints, timm's `VisionTransformer`, Hugging Face's `ViTMSNModel`.
 
 Official MSN (facebookresearch/msn, src/deit.py + src/msn_train.py): a `torch.save`d dict with
 `target_encoder` (the released weights; `encoder`, the student, in training checkpoints too) and
@@ -12,25 +12,33 @@ gelu1, fc2, bn2, gelu2, fc3)) (no bn* without use_bn). Our trunk differs only in
     sd = to_timm_state_dict(model.target.trunk)            # timm layout, no timm needed
     vit = to_timm(model.target.trunk)                       # a timm VisionTransformer (pip install timm)
     trunk = from_timm(timm.create_model("vit_small_patch16_224", pretrained=False))
+    hf = to_hf(model)                                        # a transformers ViTMSNModel (pip install "msn-fast[hf]")
+    trunk = from_hf(ViTMSNModel.from_pretrained("facebook/vit-msn-small"))
 
 The number of heads is not in the weights: it is inferred from the width as in the official models
 (192: 3, 384: 6, 768: 12, 1024 and 1280: 16), or passed as `heads=`.
-CLI: `python -m msn_fast.interop export-timm RUN_DIR out.pth` / `export-official RUN_DIR out.pth.tar`.
+CLI: `python -m msn_fast.interop export-timm RUN_DIR out.pth` / `export-official RUN_DIR out.pth.tar` /
+`export-hf RUN_DIR OUT_DIR` (a `save_pretrained` folder: config.json + model.safetensors).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import Config, HeadConfig, ViTConfig
 from .model import MSN
 from .vit import VisionTransformer, ViTArch
+
+if TYPE_CHECKING:
+    from transformers import ViTMSNModel
 
 OFFICIAL_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
@@ -187,6 +195,157 @@ def from_timm(vit, attn_impl: str = "auto") -> VisionTransformer:
     return trunk
 
 
+# --- Hugging Face transformers ViTMSNModel (optional dependency) ----------------------------------------
+# Two module layouts: transformers >= 5 (`layers.i.attention.q_proj`, `mlp.fc1`) and the one of 4.x, which
+# is also what every release writes to disk and what the hub's facebook/vit-msn-* files hold
+# (`encoder.layer.i.attention.attention.query`, `intermediate.dense`). Our fused qkv is [q; k; v] by rows.
+
+_HF_TOP = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+           "patch_embed": "embeddings.patch_embeddings.projection", "norm": "layernorm"}
+_HF_BLOCK = {"norm1": ("layernorm_before", "layernorm_before"), "norm2": ("layernorm_after", "layernorm_after"),
+             "attn.proj": ("attention.o_proj", "attention.output.dense"), "mlp.0": ("mlp.fc1", "intermediate.dense"),
+             "mlp.2": ("mlp.fc2", "output.dense")}  # ours -> (5.x modules, 4.x modules = on disk)
+_HF_QKV = (("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+           ("attention.attention.query", "attention.attention.key", "attention.attention.value"))
+_HF_LAYER = ("layers.{}.", "encoder.layer.{}.")
+_HF_LAYER_KEY = re.compile(r"^(?:layers|encoder\.layer)\.(\d+)\.(.+)\.(weight|bias)$")
+_HF_IGNORED = ("embeddings.mask_token",)  # ViTMSNModel(use_mask_token=True): not part of the MSN encoder
+HF_INSTALL = 'transformers is not installed: pip install "msn-fast[hf]" (or pip install transformers)'
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(HF_INSTALL) from None
+    return transformers
+
+
+def to_hf_state_dict(trunk: VisionTransformer | dict, legacy: bool = False) -> dict[str, torch.Tensor]:
+    """Our trunk (module or state dict) -> ViTMSNModel keys; `legacy`: the 4.x / on-disk names."""
+    sd = trunk.state_dict() if isinstance(trunk, torch.nn.Module) else trunk
+    out = OrderedDict()
+    for k, v in sd.items():
+        m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if m is None:
+            name, _, param = k.partition(".")
+            out[_HF_TOP[name] + (f".{param}" if param else "")] = v
+            continue
+        prefix, sub, param = _HF_LAYER[legacy].format(m[1]), m[2], m[3]
+        if sub == "attn.qkv":
+            for name, part in zip(_HF_QKV[legacy], v.chunk(3, dim=0)):  # (3D, ...) -> 3 x (D, ...)
+                out[f"{prefix}{name}.{param}"] = part
+        else:
+            out[f"{prefix}{_HF_BLOCK[sub][legacy]}.{param}"] = v
+    return out
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ViTMSNModel keys (either layout) -> ours. A missing q/k/v bias (qkv_bias=False) becomes zeros; any
+    key we have no place for is an InteropError."""
+    top = {v: k for k, v in _HF_TOP.items()}
+    block = {name: ours for ours, names in _HF_BLOCK.items() for name in names}
+    qkv_index = {name: i for names in _HF_QKV for i, name in enumerate(names)}
+    out, qkv, unknown = OrderedDict(), {}, []
+    for k, v in sd.items():
+        if k in _HF_IGNORED:
+            continue
+        name, _, param = k.rpartition(".")
+        m = _HF_LAYER_KEY.match(k)
+        if m is None and (k in top or name in top):
+            out[top[k] if k in top else f"{top[name]}.{param}"] = v
+        elif m is not None and m[2] in block:
+            out[f"blocks.{m[1]}.{block[m[2]]}.{m[3]}"] = v
+        elif m is not None and m[2] in qkv_index:
+            qkv.setdefault((int(m[1]), m[3]), [None] * 3)[qkv_index[m[2]]] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        raise InteropError(f"keys with no counterpart in an msn-fast ViT: {', '.join(unknown[:8])}"
+                           f"{' ...' if len(unknown) > 8 else ''}")
+    for (i, param), parts in sorted(qkv.items()):
+        if any(p is None for p in parts):
+            raise InteropError(f"layer {i}: query, key and value {param}s must all be present")
+        out[f"blocks.{i}.attn.qkv.{param}"] = torch.cat(parts)  # 3 x (D, ...) -> (3D, ...)
+        if param == "weight" and (i, "bias") not in qkv:
+            out[f"blocks.{i}.attn.qkv.bias"] = parts[0].new_zeros(3 * parts[0].shape[0])
+    return out
+
+
+def _as_trunk(model) -> VisionTransformer:
+    """MSN -> its target encoder's trunk (what the official release ships); Encoder -> its trunk."""
+    trunk = model.target.trunk if isinstance(model, MSN) else getattr(model, "trunk", model)
+    if not isinstance(trunk, VisionTransformer):
+        raise InteropError(f"expected an msn-fast MSN, Encoder or VisionTransformer, got {type(model).__name__}")
+    return trunk
+
+
+def to_hf(model: MSN | VisionTransformer) -> ViTMSNModel:
+    """A transformers `ViTMSNModel` (eval mode, same device and dtype) holding the trunk's weights; an `MSN`
+    gives its target encoder's trunk. The projection head and the prototypes have no place in it.
+
+    Outputs (fp32): `hf(x).last_hidden_state` [B, 1+N, D] equals `trunk.forward_features(x)`: both apply
+    the final LayerNorm to every token, so `last_hidden_state[:, 0]` is `trunk(x)` (the CLS the projection
+    head sees). `hf(x, output_hidden_states=True).hidden_states[-1][:, 0]` is the last block's CLS before
+    that norm, our `trunk.extract_features(x)` (the official evaluation feature). For an image size other
+    than `trunk.img_size` (the 96 px focal views) pass `interpolate_pos_encoding=True`: transformers 5.x
+    resizes the position grid bicubically as we do (older releases scale by a factor with DINO's +0.1
+    offset, which can differ slightly). LayerNorm eps: ours, 1e-6, is set explicitly (ViTConfig's is 1e-12).
+    """
+    tf = _transformers()
+    trunk = _as_trunk(model)
+    a = trunk.arch
+    config = tf.ViTMSNConfig(hidden_size=a.dim, num_hidden_layers=a.depth, num_attention_heads=a.heads,
+                             intermediate_size=int(a.dim * a.mlp_ratio),  # = our Block's MLP width
+                             hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                             layer_norm_eps=trunk.norm.eps, image_size=trunk.img_size, patch_size=a.patch_size,
+                             num_channels=trunk.patch_embed.in_channels, qkv_bias=True)
+    hf = tf.ViTMSNModel(config)
+    legacy = not hasattr(hf, "layers")  # 4.x: hf.encoder.layer
+    hf.load_state_dict(to_hf_state_dict(trunk, legacy=legacy))  # strict: every key of both sides
+    return hf.to(device=trunk.pos_embed.device, dtype=trunk.pos_embed.dtype).eval()
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
+def from_hf(model: ViTMSNModel, attn_impl: str = "auto") -> VisionTransformer:
+    """Our VisionTransformer from a transformers `ViTMSNModel` (or the `.vit` of a ViTMSNForImageClassification).
+
+    Rejected (InteropError): another activation than exact GELU, a LayerNorm eps other than our 1e-6,
+    non-square images or patches, a head_dim that is not hidden_size / heads. Dropout settings are
+    ignored (our trunk has none); the mask token, if any, is dropped.
+    """
+    tf = _transformers()
+    model = getattr(model, "vit", model) if isinstance(model, tf.ViTMSNForImageClassification) else model
+    if not isinstance(model, tf.ViTMSNModel):
+        raise InteropError(f"expected a transformers ViTMSNModel, got {type(model).__name__}")
+    c = model.config
+    img, patch = _pair(c.image_size), _pair(c.patch_size)
+    problems = []
+    if c.hidden_act != "gelu":
+        problems.append(f"hidden_act {c.hidden_act!r}: the MLP activation must be exact GELU ('gelu')")
+    if c.layer_norm_eps != 1e-6:
+        problems.append(f"layer_norm_eps {c.layer_norm_eps}: an msn-fast ViT uses 1e-6")
+    if img[0] != img[1] or patch[0] != patch[1]:
+        problems.append(f"non-square images {tuple(img)} or patches {tuple(patch)} are not supported")
+    if getattr(c, "head_dim", None) not in (None, c.hidden_size // c.num_attention_heads):
+        problems.append(f"head_dim {c.head_dim} is not hidden_size / num_attention_heads")
+    if problems:
+        raise InteropError("cannot convert this ViTMSNModel: " + "; ".join(problems))
+    ratio = c.intermediate_size / c.hidden_size
+    if int(c.hidden_size * ratio) < c.intermediate_size:  # our Block sizes the MLP as int(dim * mlp_ratio)
+        ratio = math.nextafter(ratio, math.inf)
+    arch = ViTArch(dim=c.hidden_size, depth=c.num_hidden_layers, heads=c.num_attention_heads, patch_size=patch[0],
+                   mlp_ratio=ratio)
+    p = model.embeddings.cls_token
+    trunk = VisionTransformer(arch, img_size=img[0], in_chans=c.num_channels, attn_impl=attn_impl, device=p.device,
+                              dtype=p.dtype)
+    trunk.load_state_dict(from_hf_state_dict(model.state_dict()))
+    return trunk.eval()
+
+
 # --- official MSN checkpoints ---------------------------------------------------------------------------
 
 def _strip_module(sd: dict) -> dict:
@@ -290,22 +449,29 @@ def to_official_checkpoint(model: MSN, prefix: str = "module.") -> dict:
 # --- CLI ------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m msn_fast.interop export-timm|export-official RUN_DIR OUT: write the target encoder's weights."""
+    """python -m msn_fast.interop export-timm|export-official|export-hf RUN_DIR OUT: write the target encoder's
+    weights (export-hf: a folder that transformers' ViTMSNModel.from_pretrained loads)."""
     from .checkpoint import CheckpointError, load_model
 
     p = argparse.ArgumentParser(prog="python -m msn_fast.interop", description=main.__doc__)
-    p.add_argument("command", choices=["export-timm", "export-official"])
+    p.add_argument("command", choices=["export-timm", "export-official", "export-hf"])
     p.add_argument("checkpoint", help="msn-fast run directory or checkpoint step directory")
-    p.add_argument("out", help="output .pth file")
+    p.add_argument("out", help="output .pth file (export-hf: output directory)")
     args = p.parse_args(argv)
     try:
+        if args.command == "export-hf":
+            _transformers()  # before the checkpoint is read
         model, _ = load_model(args.checkpoint)
-    except CheckpointError as e:
+    except (CheckpointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    state = to_timm_state_dict(model.target.trunk) if args.command == "export-timm" else to_official_checkpoint(model)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, args.out)
+    if args.command == "export-hf":
+        to_hf(model).save_pretrained(args.out)  # config.json + model.safetensors
+    else:
+        state = to_timm_state_dict(model.target.trunk) if args.command == "export-timm" else to_official_checkpoint(
+            model)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,7 +1,8 @@
 """The end-of-run low-shot report: the trained target encoder against a random-init encoder and raw pixels.
 
 Same protocol as `python -m msn_fast.eval` (msn_fast/evaluation.py): λ cross-validated inside each
-labelled draw (1e-3 at one image per class); accuracy and per-class mean accuracy per draw.
+labelled draw (1e-3 at one image per class); accuracy and per-class mean accuracy per draw. Progress of the
+extraction, draws and λ search: msn_fast/progress.py (a bar on a terminal, log lines in train.log).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from msn_fast.dataloading import eval_transform
 from .config import Config
 from .evaluation import extract_features, format_table, lowshot_eval
 from .model import MSN
+from .progress import track
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,9 @@ def run_lowshot(model: MSN, cfg: Config, train_source, test_source, device, shot
         "raw pixels": lambda x: x.flatten(1),
     }
     rows, report = {}, {"shots": list(shots), "draws": cfg.run.eval_draws, "results": {}}
-    for name, fn in extractors.items():
-        xtr, ytr = extract_features(fn, train_source, tf, device=device)
-        xte, yte = extract_features(fn, test_source, tf, device=device)
+    for name, fn in track(extractors.items(), "low-shot report: feature sets", log, unit="set"):
+        xtr, ytr = extract_features(fn, train_source, tf, device=device, desc=f"{name}: train features")
+        xte, yte = extract_features(fn, test_source, tf, device=device, desc=f"{name}: test features")
         res = lowshot_eval(xtr, ytr, xte, yte, shots=shots, draws=cfg.run.eval_draws, seed=cfg.run.seed, reg="cv")
         rows[name] = res
         report["results"][name] = {r.name: r.to_dict() for r in res}

@@ -23,8 +23,17 @@ from .vit import num_params
 
 log = logging.getLogger("msn_fast.train")
 
-# Dense bf16 peak of common GPUs (FLOP/s), for MFU; torchtitan's table.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2.25e15, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 peak (FLOP/s; torchtitan's table) and memory bandwidth (B/s; vendor datasheets, SXM parts) of
+# common GPUs, for MFU and the kernel rooflines of `python -m msn_fast.check`.
+GPU_PEAKS: dict[str, tuple[float, float]] = {
+    "H200": (989e12, 4.8e12),
+    "H100": (989e12, 3.35e12),
+    "A100": (312e12, 2.0e12),
+    "B200": (2.25e15, 8.0e12),
+    "L40S": (362e12, 0.864e12),
+    "A10": (125e12, 0.6e12),
+}
+PEAK_BF16 = {k: flops for k, (flops, _) in GPU_PEAKS.items()}
 
 
 def resolve_device(name: str, info: DistInfo) -> torch.device:
@@ -40,15 +49,36 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
 
 
 def build_sources(cfg: Config):
-    """(pre-training source, low-shot train source or None, low-shot test source or None)."""
+    """(pre-training source, low-shot train source or None, low-shot held-out source or None).
+
+    A DIR with the splits of `python -m msn_fast.eval` (train/ + val/ or test/ class folders, or train.txt +
+    val.txt or test.txt lists; val before test; BACKGROUND_Google left out) pre-trains on its train split and
+    scores the end-of-run low-shot evaluation on the held-out one; any other DIR pre-trains on all its images.
+    """
+    from msn_fast.dataloading import DataError
+    from msn_fast.dataloading.sources import find_splits, split_layout
+
     if cfg.data.path is None:
         size = cfg.data.global_size
-        return Digits("train", size), Digits("train", size), Digits("test", size)
+        train, test = Digits("train", size), Digits("test", size)
+        log.info("data: the embedded digits; pre-training on train (%d images), low-shot evaluation on test "
+                 "(%d images)", len(train), len(test))
+        return train, Digits("train", size), test
     root = Path(cfg.data.path)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        train, test = ImageFolder(root / "train"), ImageFolder(root / "test")
-        return train, (train if train.labelled else None), (test if test.labelled else None)
-    return ImageFolder(root), None, None
+    layout = split_layout(root) if root.is_dir() else None
+    if layout is None:
+        return ImageFolder(root), None, None
+    try:
+        splits = find_splits(root)
+    except DataError as e:
+        if layout[0] == "lists":
+            raise
+        train = ImageFolder(root / "train")
+        log.warning("data: pre-training on %s (%d images); no low-shot evaluation: %s", train.root, len(train), e)
+        return train, None, None
+    log.info("data: %s; pre-training on train (%d images), low-shot evaluation on %s (%d images)", splits.layout,
+             len(splits.train), splits.held_out_name, len(splits.held_out))
+    return splits.train, splits.train, splits.held_out
 
 
 def tokens_per_image(cfg: Config) -> tuple[int, int, int]:
@@ -76,11 +106,18 @@ def step_flops_per_image(cfg: Config) -> float:
     return fwd(t, t) + 3 * (fwd(a, a) + (fwd(f, focal_len) if f else 0.0))
 
 
+def gpu_peaks(name: str) -> tuple[float, float] | None:
+    """(dense bf16 FLOP/s, bytes/s) of the GPU whose device name ("NVIDIA H200") holds a GPU_PEAKS key, or None.
+    Longer keys are tried first, so an "A100" is never taken for an "A10"."""
+    key = next((k for k in sorted(GPU_PEAKS, key=len, reverse=True) if k in name), None)
+    return None if key is None else GPU_PEAKS[key]
+
+
 def gpu_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peaks = gpu_peaks(torch.cuda.get_device_name(device))
+    return None if peaks is None else peaks[0]
 
 
 def fit_batch_to_cpu_memory(cfg: Config, model: MSN) -> None:

@@ -27,13 +27,27 @@ def momentum_at(step: int, *, horizon: int, start: float, end: float) -> float:
     return start + (end - start) * min(1.0, step / max(1, horizon))
 
 
+MAX_WARMUP_FRACTION = 0.1  # of the steps a run will take: the official recipes warm up for 2-8% of theirs
+
+
 class Schedules:
-    """The three schedules of one run, given its optimisation config and length in steps."""
+    """The three schedules of one run, given its optimisation config and the steps it will actually run
+    (`--run.max_steps` or a time budget shorten them: the cosines then decay over the shorter run).
+
+    A warm-up longer than MAX_WARMUP_FRACTION of the run is clipped to it (`warmup_asked` keeps what the
+    config asked for, so the trainer can say so): a 1-epoch warm-up in a 1-epoch run would never decay.
+    """
 
     def __init__(self, optim, total_steps: int, steps_per_epoch: int):
         self.o = optim
+        self.total = total_steps
         self.horizon = max(1, int(round(optim.horizon_scale * total_steps)))
-        self.warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+        self.warmup_asked = int(round(optim.warmup_epochs * steps_per_epoch))
+        self.warmup = min(self.warmup_asked, int(MAX_WARMUP_FRACTION * total_steps))
+
+    @property
+    def warmup_clipped(self) -> bool:
+        return self.warmup < self.warmup_asked
 
     def lr(self, step: int) -> float:
         o = self.o

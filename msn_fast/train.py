@@ -21,8 +21,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from msn_fast.dataloading import DataError, ViewRecipe, build_dali_loader, build_loader, dali_available
+from msn_fast.dataloading import DataError, ViewRecipe, build_dali_loader, build_loader, dali_available, eval_transform
 
+from .budget import TimeBudget
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, on_rank0, save_checkpoint
 from .cli import UsageError, apply_overrides, help_text
 from .config import Config, to_dict, to_json
@@ -42,7 +43,7 @@ from .runtime import (
     resolve_device,
     step_flops_per_image,
 )
-from .schedules import Schedules
+from .schedules import MAX_WARMUP_FRACTION, Schedules
 from .vit import num_params
 
 log = logging.getLogger("msn_fast.train")
@@ -210,7 +211,38 @@ def set_aside_previous_run(out: Path) -> Path | None:
     return dest
 
 
+def eval_cost_per_image(model: MSN, cfg: Config, source, device, n: int = 16) -> float:
+    """Seconds per image of the end-of-run report, measured on `n` images: three decodes (one per feature set)
+    and two encoder forwards (trained and random-init) each."""
+    tf = eval_transform(cfg.data.global_size)
+    t0 = time.perf_counter()
+    images = [tf(img) for img, _ in (source[i] for i in range(min(n, len(source)))) if img is not None]
+    t1 = time.perf_counter()
+    if not images:
+        return 0.0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model.target.trunk.extract_features(torch.stack(images).to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    model.train(was_training)
+    t2 = time.perf_counter()
+    return (3 * (t1 - t0) + 2 * (t2 - t1)) / len(images)
+
+
+def fitted_schedules(cfg: Config, total: int, ipe: int) -> Schedules:
+    """The schedules over the `total` steps the run will take; a warm-up clipped to fit is said."""
+    sched = Schedules(cfg.optim, total, ipe)
+    if sched.warmup_clipped:
+        log.warning("optim.warmup_epochs=%g is %d steps, more than %d%% of this %d-step run: warm-up clipped to "
+                    "%d steps (set --optim.warmup_epochs, or run more steps)", cfg.optim.warmup_epochs,
+                    sched.warmup_asked, round(100 * MAX_WARMUP_FRACTION), total, sched.warmup)
+    return sched
+
+
 def train(cfg: Config) -> Path:
+    t_start = time.perf_counter()
     info = init_distributed("cuda" if cfg.run.device.startswith("cuda") or (
         cfg.run.device == "auto" and torch.cuda.is_available()) else "cpu")
     out = Path(cfg.run.out_dir)
@@ -257,18 +289,30 @@ def train(cfg: Config) -> Path:
                          num_workers=d.num_workers, pin_memory=device.type == "cuda", **extra)
     ipe = loader.batches_per_epoch
     total = cfg.optim.epochs * ipe if cfg.run.max_steps <= 0 else min(cfg.run.max_steps, cfg.optim.epochs * ipe)
-    sched = Schedules(cfg.optim, cfg.optim.epochs * ipe, ipe)
     optimizer = build_optimizer(cfg, model, device)
+
+    step, planned = 0, None
+    if found is not None:
+        meta = load_checkpoint(found, model=model, optimizer=optimizer)
+        step, planned = meta["step"], meta.get("extra", {}).get("planned_steps")
+        log.info("resumed from %s at step %d", found, step)
+    step0 = step
+    budget = None
+    if planned is not None and cfg.run.time_budget > 0:
+        total = planned  # a budgeted run keeps its plan
+        log.info("time budget: continuing the plan of %d steps made when the run started", total)
+    elif planned is not None and planned != total:
+        log.warning("the schedules now span %d steps (the run so far planned %d): lr, wd and EMA momentum "
+                    "continue from step %d on the new span", total, planned, step)
+    elif cfg.run.time_budget > 0:
+        n_eval = (len(eval_train) + len(eval_test)) if cfg.run.eval_lowshot and info.world == 1 and \
+            eval_train is not None and eval_test is not None else 0  # fmt: skip
+        budget = TimeBudget(cfg.run.time_budget, t_start, n_eval, lambda: eval_cost_per_image(model, cfg, eval_train,
+                                                                                           device))
+    sched = fitted_schedules(cfg, total, ipe)
     log.info("data: %d images, batch %d x %d process(es), %d steps/epoch, %d steps; views 2x%dpx + %dx%dpx, "
              "mask ratio %.2f", len(source), d.batch_size, info.world, ipe, total, d.global_size, d.num_focal,
              d.focal_size, cfg.mask.ratio)
-
-    step = 0
-    if found is not None:
-        meta = load_checkpoint(found, model=model, optimizer=optimizer)
-        step = meta["step"]
-        log.info("resumed from %s at step %d", found, step)
-    step0 = step
 
     def save() -> None:
         bad_tensors = non_finite_state(model, device, optimizer)
@@ -276,7 +320,8 @@ def train(cfg: Config) -> Path:
             raise TrainingDiverged(f"the model state is not finite ({', '.join(bad_tensors[:3])}); not saved. "
                                    + last_good(out))
         path = save_checkpoint(out, model=model, optimizer=optimizer, step=step, epoch=step // ipe,
-                               batch_in_epoch=step % ipe, config=to_dict(cfg), keep=cfg.run.keep_checkpoints)
+                               batch_in_epoch=step % ipe, config=to_dict(cfg), keep=cfg.run.keep_checkpoints,
+                               extra={"planned_steps": total})
         log.info("checkpoint %s", path)
 
     stop: list[tuple[str, int]] = []  # (signal name, number) of the first signal
@@ -315,6 +360,11 @@ def train(cfg: Config) -> Path:
                 streaks[2] += bad
                 logger.tick(step)
                 first = step == step0 + 1
+                if budget is not None and budget.after_step(step, step0):
+                    total, why = on_rank0(lambda: budget.plan(step, total))  # every rank: the same plan
+                    log.info("%s", why)
+                    sched = fitted_schedules(cfg, total, ipe)
+                    logger.total = total
                 ckpt_due = step % cfg.run.checkpoint_every == 0 and step < total
                 log_due = logger.due(step, first)
                 if log_due or ckpt_due or step >= total:  # the step's only host sync
@@ -358,9 +408,14 @@ def train(cfg: Config) -> Path:
     log.info("training done: %d steps; %d unreadable image(s) skipped; %d non-finite step(s) skipped", step - step0,
              skipped_images, logger.skipped)
 
+    t_trained = time.perf_counter()
     if cfg.run.eval_lowshot and info.world == 1 and eval_train is not None and eval_test is not None:
         report = run_lowshot(model, cfg, eval_train, eval_test, device)
         (out / "lowshot.json").write_text(json.dumps(report, indent=2))
+    if cfg.run.time_budget > 0:
+        now = time.perf_counter()
+        log.info("time budget %.1f min: this process took %.1f min (%.1f to train, %.1f to evaluate)",
+                 cfg.run.time_budget, (now - t_start) / 60, (t_trained - t_start) / 60, (now - t_trained) / 60)
     return out
 
 

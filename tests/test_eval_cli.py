@@ -256,7 +256,7 @@ def test_cli_counts_only_the_images_it_read(tmp_path, capsys):
     (["--raw-pixels", "--data", ".", "--reg", "lots"], "--reg"),
     (["--raw-pixels", "--data", ".", "--bogus"], "unrecognized arguments"),
     (["--checkpoint", "/nonexistent.pth", "--data", "DATA"], "does not exist"),
-    (["--raw-pixels", "--data", "."], "neither train/ and test/"),
+    (["--raw-pixels", "--data", "."], "neither train/ + val/ (or test/)"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     if "DATA" in args:

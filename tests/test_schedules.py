@@ -42,3 +42,21 @@ def test_horizon_one_ends_at_end_values():
     assert s.wd(1000) == pytest.approx(0.4)
     assert s.momentum(1000) == pytest.approx(1.0)
     assert not math.isclose(s.lr(500), s.lr(501))
+
+
+def test_a_warmup_longer_than_a_tenth_of_the_run_is_clipped():
+    """The issue's CIFAR run: a 1-epoch warm-up in a 1-epoch run rose for the whole run and never decayed."""
+    s = Schedules(OptimConfig(epochs=1, warmup_epochs=1, horizon_scale=1.0), total_steps=1562, steps_per_epoch=1562)
+    assert s.warmup_clipped and s.warmup_asked == 1562 and s.warmup == 156
+    assert s.lr(156) == pytest.approx(1e-3) and s.lr(1562) == pytest.approx(1e-6)
+    kept = Schedules(OptimConfig(epochs=800), total_steps=800 * 100, steps_per_epoch=100)  # official: 15 of 800
+    assert not kept.warmup_clipped and kept.warmup == 1500
+
+
+def test_a_shorter_run_decays_over_its_own_steps():
+    """max_steps (or a time budget) gives the schedules the steps the run takes: the cosine ends there."""
+    o = OptimConfig(epochs=100, warmup_epochs=1, horizon_scale=1.0)
+    cut = Schedules(o, total_steps=300, steps_per_epoch=100)
+    full = Schedules(o, total_steps=10_000, steps_per_epoch=100)
+    assert cut.lr(300) == pytest.approx(o.final_lr) and full.lr(300) > 0.99 * o.lr
+    assert cut.wd(300) == pytest.approx(o.final_weight_decay) and cut.momentum(300) == pytest.approx(o.ema_end)

@@ -60,16 +60,24 @@ def test_default_run_learns_and_beats_random_init(tmp_path):
     assert "low-shot top-1 accuracy" in proc.stderr + proc.stdout
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_with_more_steps_continues_on_the_longer_schedule(tmp_path, capfd):
+    """A 3-step run extended to 6 by --run.resume: the first 3 steps are the 3-step run's (its schedules decay
+    over 3 steps), the rest follow the 6-step schedules, said by a warning. (An interrupted run resumed with
+    the same config continues exactly: tests/test_faults.py kills and resumes one.)"""
     args = TINY + ["--optim.epochs", "1", "--run.eval_lowshot", "false", "--run.checkpoint_every", "3"]
-    full, part = tmp_path / "full", tmp_path / "part"
+    full, part, short = tmp_path / "full", tmp_path / "part", tmp_path / "short"
     assert main(args + ["--run.max_steps", "6", "--run.out_dir", str(full)]) == 0
+    assert main(args + ["--run.max_steps", "3", "--run.out_dir", str(short)]) == 0
     assert main(args + ["--run.max_steps", "3", "--run.out_dir", str(part)]) == 0
+    capfd.readouterr()
     assert main(args + ["--run.max_steps", "6", "--run.out_dir", str(part), "--run.resume", "true"]) == 0
-    a = [m["loss"] for m in _metrics(full)]
-    b = [m["loss"] for m in _metrics(part)]
-    assert len(a) == 6 and len(b) == 6
-    np.testing.assert_allclose(b, a, rtol=1e-5)
+    assert "the schedules now span 6 steps (the run so far planned 3)" in capfd.readouterr().err
+    a, b, c = _metrics(full), _metrics(part), _metrics(short)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([m["loss"] for m in b[:3]], [m["loss"] for m in c], rtol=1e-5)
+    for key in ("lr", "wd", "momentum"):  # steps 4-6: the 6-step run's schedules
+        np.testing.assert_allclose([m[key] for m in b[3:]], [m[key] for m in a[3:]], rtol=1e-12)
+    assert b[2]["lr"] != a[2]["lr"]  # and the 3-step run did decay over its own 3 steps
 
 
 def test_lowshot_report_written(tmp_path):

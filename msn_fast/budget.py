@@ -1,0 +1,64 @@
+"""`--run.time_budget MINUTES`: fit a run, its end-of-run evaluation included, into a wall-clock budget.
+
+The trainer times PROBE_STEPS steps after the first one of the process (the first pays for start-up:
+compilation, the first batch, allocator growth) and the evaluation's cost per image on a few images
+(decode, resize, two encoder forwards), then plans the steps that fit: what is left of the budget, less the
+evaluation's estimate, divided by the measured time per step. The schedules are rebuilt over
+that many steps, so the learning rate decays over the run that will happen (the warm-up is linear in the
+step, so the re-plan moves it only by what the shorter warm-up changes). The plan is saved in every
+checkpoint, and a resumed run keeps it rather than planning again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+PROBE_STEPS = 5
+EVAL_MARGIN = 1.5  # the logistic-regression fits and feature copies, on top of decoding and forwards
+EVAL_FIXED_S = 5.0  # start-up of the report: random-init model, first batches
+
+
+def eval_seconds(n_images: int, per_image_s: float) -> float:
+    """Estimate of the end-of-run report over `n_images`, from its measured cost per image (decode and
+    resize for three feature sets, two encoder forwards: `TimeBudget.measure_eval`)."""
+    return 0.0 if n_images <= 0 else EVAL_MARGIN * n_images * per_image_s + EVAL_FIXED_S
+
+
+def steps_that_fit(budget_s: float, elapsed_s: float, step: int, step_s: float, reserve_s: float,
+                   total: int) -> int:
+    """The run's new length in steps: `step` done, `elapsed_s` spent, `step_s` per further step, `reserve_s`
+    kept for what follows training. Never more than `total`, never fewer than the steps already done."""
+    left = budget_s - elapsed_s - reserve_s
+    return max(step, min(total, step + int(max(0.0, left) // max(step_s, 1e-9))))
+
+
+class TimeBudget:
+    """Wall clock of one process's run, from `start` (the trainer's first line) on."""
+
+    def __init__(self, minutes: float, start: float, eval_images: int, eval_cost: Callable[[], float] | None = None,
+                 clock=time.perf_counter):
+        """`eval_cost()`: seconds per image of the evaluation, measured on a few images when the plan is made."""
+        self.budget_s, self.start, self.clock = 60.0 * minutes, start, clock
+        self.eval_images, self.eval_cost = eval_images, eval_cost
+        self.t_first: float | None = None
+        self.step_first = 0
+
+    def after_step(self, step: int, step0: int) -> bool:
+        """Call after each step; True at the step where the plan is due."""
+        if step == step0 + 1:
+            self.t_first, self.step_first = self.clock(), step
+        return self.t_first is not None and step == self.step_first + PROBE_STEPS
+
+    def plan(self, step: int, total: int) -> tuple[int, str]:
+        """(steps the run will take, a log line saying why)."""
+        now = self.clock()
+        step_s = (now - self.t_first) / max(1, step - self.step_first)
+        per_image = self.eval_cost() if self.eval_images and self.eval_cost is not None else 0.0
+        reserve = eval_seconds(self.eval_images, per_image)
+        elapsed = self.clock() - self.start  # the measurement of the evaluation counts too
+        fit = steps_that_fit(self.budget_s, elapsed, step, step_s, reserve, total)
+        why = (f"time budget {self.budget_s / 60:.1f} min: {step_s:.2f} s/step measured over steps "
+               f"{self.step_first + 1}-{step}, {elapsed:.0f} s spent, {reserve:.0f} s kept for the evaluation "
+               f"({self.eval_images} images): {fit} steps{' (all of them)' if fit >= total else f' of {total}'}")
+        return fit, why

@@ -1,0 +1,72 @@
+"""`--run.time_budget`: the steps that fit, the evaluation's reserve, and a real run that ends inside it."""
+
+import json
+import re
+
+import pytest
+from test_train import TINY
+
+from msn_fast.budget import PROBE_STEPS, TimeBudget, eval_seconds, steps_that_fit
+from msn_fast.config import OptimConfig
+from msn_fast.schedules import Schedules
+from msn_fast.train import main
+
+
+def test_steps_that_fit():
+    # 600 s budget, 100 s spent, 1 s/step, 200 s kept for the evaluation: 300 more steps after step 10
+    assert steps_that_fit(600, 100, 10, 1.0, 200, 10_000) == 310
+    assert steps_that_fit(600, 100, 10, 1.0, 200, 50) == 50  # never more than the run asked for
+    assert steps_that_fit(600, 590, 10, 1.0, 200, 10_000) == 10  # over budget: stop now, never fewer than done
+
+
+def test_eval_reserve_scales_with_images_and_their_cost():
+    assert eval_seconds(0, 0.01) == 0.0
+    a, b = eval_seconds(1000, 0.01), eval_seconds(2000, 0.01)
+    assert b > a > 10 and eval_seconds(1000, 0.02) > a
+
+
+def test_plan_from_a_fake_clock():
+    t = [0.0]
+    budget = TimeBudget(10.0, start=0.0, eval_images=0, clock=lambda: t[0])
+    for step in range(1, 1 + PROBE_STEPS + 1):
+        t[0] = 20.0 + 2.0 * (step - 1)  # start-up took 20 s, then 2 s per step
+        due = budget.after_step(step, step0=0)
+        assert due == (step == 1 + PROBE_STEPS)
+    total, why = budget.plan(1 + PROBE_STEPS, 10_000)
+    # 600 s - 30 s spent = 570 s left at 2 s/step: 285 more steps after step 6
+    assert total == 6 + 285 and "2.00 s/step" in why and "291 steps of 10000" in why
+    measured = TimeBudget(10.0, start=0.0, eval_images=1000, eval_cost=lambda: 0.04, clock=lambda: t[0])
+    measured.after_step(1, 0)
+    t[0] += 2.0 * PROBE_STEPS
+    # the same 600 s less 30 s spent, 10 s probing and 1.5 x 1000 x 0.04 + 5 = 65 s for the evaluation
+    assert measured.plan(1 + PROBE_STEPS, 10_000)[0] == 6 + int((600 - 40 - 65) // 2)
+
+
+def test_a_budgeted_run_plans_its_steps_decays_over_them_and_ends_inside(tmp_path, capfd):
+    out, minutes = tmp_path / "run", 0.5
+    args = TINY + ["--optim.epochs", "100", "--run.log_every", "5", "--run.eval_draws", "2",
+                   "--run.time_budget", str(minutes), "--run.out_dir", str(out)]
+    assert main(args) == 0
+    err = capfd.readouterr().err
+    plan = re.search(r"time budget [\d.]+ min: .* (\d+) steps of (\d+)", err)
+    assert plan, err
+    planned, nominal = int(plan.group(1)), int(plan.group(2))
+    assert PROBE_STEPS < planned < nominal
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["step"] == planned
+    cfg = json.loads((out / "config.json").read_text())
+    sched = Schedules(OptimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["optim"].items()}),
+                      planned, nominal // 100)
+    assert recs[-1]["lr"] == pytest.approx(sched.lr(planned - 1))  # the schedule spans the planned run
+    took = float(re.search(r"this process took ([\d.]+) min", err).group(1))
+    assert took <= 1.25 * minutes, err  # training and evaluation, inside the budget (plus rounding)
+    assert (out / "lowshot.json").is_file()
+    # resumed, the run keeps its plan (saved in the checkpoint) instead of planning again: nothing left to do
+    assert main(args + ["--run.resume", "true", "--run.eval_lowshot", "false"]) == 0
+    assert f"continuing the plan of {planned} steps" in capfd.readouterr().err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == len(recs)
+
+
+def test_time_budget_must_be_minutes(capsys):
+    assert main(TINY + ["--run.time_budget", "-1"]) == 2
+    assert "run.time_budget=-1" in capsys.readouterr().err
