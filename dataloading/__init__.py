@@ -10,6 +10,18 @@ if __name__ != "msn_fast.dataloading":
     # top-level package `dataloading`, shadowing any other package of that name: transformers probes Hugging Face's
     # `kernels` library by importing it. Imported so, this stays an empty module without __file__ (what such
     # probes read as not installed) and imports nothing.
+    import importlib.machinery as _machinery
+    import importlib.util
+    import os as _os
+    import sys as _sys
+
+    _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        __name__, [p for p in _sys.path if _os.path.abspath(p or ".") != _checkout])
+    if _spec is not None:  # the real package of that name (Hugging Face's `kernels`): load it in our place
+        _real = importlib.util.module_from_spec(_spec)
+        _sys.modules[__name__] = _real
+        _spec.loader.exec_module(_real)
     __file__ = None
 
     def __getattr__(name: str):
