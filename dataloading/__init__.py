@@ -7,9 +7,10 @@ only when a DALI loader is built (`build_dali_loader`; `dali_available()` says w
 
 if __name__ != "msn_fast.dataloading":
     # A source checkout on sys.path (python run from the repository root) makes this folder importable as a
-    # top-level package `dataloading`, shadowing any other package of that name: transformers probes Hugging Face's
-    # `kernels` library by importing it. Imported so, this stays an empty module without __file__ (what such
-    # probes read as not installed) and imports nothing.
+    # top-level package `dataloading`, shadowing any installed package of that name (transformers 5.25 installs
+    # Hugging Face's `kernels` and imports names from it). Imported so, it loads that installed package in
+    # its place, or else stays an empty module without __file__ and imports nothing. Written out in
+    # both folders: data loading and the kernels stand alone and may not import each other.
     import importlib.machinery as _machinery
     import importlib.util
     import os as _os
@@ -18,7 +19,7 @@ if __name__ != "msn_fast.dataloading":
     _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
     _spec = _machinery.PathFinder.find_spec(
         __name__, [p for p in _sys.path if _os.path.abspath(p or ".") != _checkout])
-    if _spec is not None:  # the real package of that name (Hugging Face's `kernels`): load it in our place
+    if _spec is not None:  # the installed package of that name: load it in our place
         _real = importlib.util.module_from_spec(_spec)
         _sys.modules[__name__] = _real
         _spec.loader.exec_module(_real)

@@ -166,7 +166,7 @@ import importlib, torch
 from msn_fast.kernels import attention
 am = importlib.import_module("msn_fast.kernels.attention")
 import os, kernels, dataloading
-for m, ours in ((kernels, am.__file__), (dataloading, None)):  # empty, or another distribution's package
+for m in (kernels, dataloading):  # empty, or another distribution's package, never our folder
     assert m.__file__ is None or os.path.dirname(m.__file__) != os.path.abspath(m.__name__), m.__file__
 assert not hasattr(dataloading, "build_loader")
 calls, real = [], am.attention_fwd
