@@ -29,11 +29,14 @@ extras_require = {
     "apex": ["apex"],
     "timm": ["timm>=1.0"],
     "hf": ["transformers>=4.44"],  # msn_fast.interop.to_hf / from_hf / export-hf (tested with 5.24)
+    "shards": ["webdataset>=0.2.86"],  # --data.path 'shards-{000000..000127}.tar', msn_fast.dataloading.shards
     "tensorboard": ["tensorboard"],
     "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib"],
-    # dev: what the test suite needs (timm and transformers for the interop tests, matplotlib for the plots);
+    # dev: what the test suite needs (timm and transformers for the interop tests, matplotlib for the plots,
+    # webdataset for the shard tests);
     # `dali` adds the DALI loader's tests.
-    "dev": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "transformers>=4.44", "matplotlib", "ruff"],
+    "dev": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "transformers>=4.44", "matplotlib", "webdataset>=0.2.86",
+            "ruff"],
 }
 
 setup(

@@ -85,3 +85,51 @@ def test_dali_vs_torch_images_per_second(benchmark, source, timer, bench_report)
             "dali_over_torch_pairs": round(1 / paired["ratio_pairs"], 2)}
     benchmark.extra_info.update(info)
     bench_report.add_row("data loader: source images/s, 12 views, DALI vs torch", info)
+
+
+CIFAR = CALTECH.parent / "cifar10"
+
+
+@pytest.mark.benchmark(group="dataloader-batched-augmentation")
+@pytest.mark.parametrize("recipe_name", ["vit_tiny", "official"])
+def test_batched_vs_per_image_augmentation(benchmark, source, timer, bench_report, tmp_path_factory, recipe_name):
+    """The torch loader with augment="batched" (workers decode, one tensor pass per batch) against "per_image"
+    (torchvision on each image), both with num_workers=2, interleaved epochs. `vit_tiny`: the CPU recipe's views
+    (2 x 32 + 4 x 16) on CIFAR-10 test images (or generated 32 px ones); `official`: 2 x 224 + 10 x 96 on the
+    Caltech-101 / generated source above."""
+    from msn_fast.recipes import get_recipe
+
+    if recipe_name == "vit_tiny":
+        d = get_recipe("vit_tiny").data
+        recipe = ViewRecipe(global_size=d.global_size, focal_size=d.focal_size, num_focal=d.num_focal,
+                            global_scale=d.global_scale, focal_scale=d.focal_scale, color_jitter=d.color_jitter,
+                            blur_prob=d.blur_prob)
+        if (CIFAR / "test").is_dir():
+            files = sorted(str(p.relative_to(CIFAR / "test")) for p in (CIFAR / "test").rglob("*.jpg"))[::10]
+            src, what = ImageFolder(CIFAR / "test", files=files), "cifar10 test (every 10th image)"
+        else:
+            root, rng = tmp_path_factory.mktemp("cifar_like"), np.random.default_rng(0)
+            for i in range(1000):
+                (root / f"c{i % 10}").mkdir(exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"c{i % 10}/{i}.jpg")
+            src, what = ImageFolder(root), "generated 32 px JPEGs (../shared/data/cifar10 absent)"
+        batch = 64
+    else:
+        (src, what), recipe, batch = source, RECIPE, BATCH
+    loaders = {a: build_loader(src, recipe, batch, seed=0, num_workers=CORES, augment=a)
+               for a in ("batched", "per_image")}
+    for a, loader in loaders.items():
+        b = next(iter(loader))
+        assert b.globals.shape[:2] == (2, batch) and torch.isfinite(b.globals).all(), a
+    fast, slow = _epoch_fn(loaders["batched"]), _epoch_fn(loaders["per_image"])
+    n = (len(src) // batch) * batch
+    paired = timer.paired(fast, slow, rounds=3, warmup=0)
+    benchmark.pedantic(fast, rounds=1, warmup_rounds=0, iterations=1)
+    info = {"data": what, "images": len(src), "batch": batch, "recipe": recipe_name, "workers": CORES,
+            "views": f"{recipe.num_global}x{recipe.global_size} + {recipe.num_focal}x{recipe.focal_size}",
+            "batched_images_per_s": round(n / paired["a_median_s"], 1),
+            "per_image_images_per_s": round(n / paired["b_median_s"], 1),
+            "batched_over_per_image": round(1 / paired["ratio"], 2),
+            "batched_over_per_image_pairs": round(1 / paired["ratio_pairs"], 2)}
+    benchmark.extra_info.update(info)
+    bench_report.add_row(f"data loader: batched vs per-image augmentation ({recipe_name})", info)

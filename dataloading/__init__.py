@@ -28,13 +28,16 @@ if __name__ != "msn_fast.dataloading":
     def __getattr__(name: str):
         raise AttributeError(f"{__name__!r} is msn-fast's dataloading/ folder: import msn_fast.dataloading instead")
 else:
+    from .batched_views import batched_views
     from .dali import DaliMultiViewLoader, build_dali_loader, dali_available
     from .loader import MultiViewBatch, MultiViewLoader, ShardedSampler, build_loader, collate
+    from .shards import ShardLoader, ShardSet, build_shard_loader, open_shards, write_shards
     from .sources import DataError, Digits, ImageFolder, load_image, read_image, to_rgb
     from .views import IMAGENET_MEAN, IMAGENET_STD, MultiViewTransform, ViewRecipe, eval_transform
 
     __all__ = [
         "MultiViewBatch", "MultiViewLoader", "ShardedSampler", "build_loader", "collate", "DataError", "Digits",
         "ImageFolder", "load_image", "read_image", "to_rgb", "IMAGENET_MEAN", "IMAGENET_STD", "MultiViewTransform",
-        "ViewRecipe", "eval_transform", "DaliMultiViewLoader", "build_dali_loader", "dali_available",
+        "ViewRecipe", "eval_transform", "DaliMultiViewLoader", "build_dali_loader", "dali_available", "batched_views",
+        "ShardLoader", "ShardSet", "build_shard_loader", "open_shards", "write_shards",
     ]

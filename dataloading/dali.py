@@ -51,14 +51,13 @@ import torch
 from PIL import Image
 
 from .loader import MAX_REPLACEMENTS, MultiViewBatch, ShardedSampler, exhausted_message, replacements
+from .params import _NPARAM, RATIO, uniforms, view_params  # noqa: F401  (RATIO: importable from here as before)
 from .sources import DataError, ImageFolder, read_image
 from .views import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe
 
 log = logging.getLogger(__name__)
 
-RATIO = (3 / 4, 4 / 3)
 _FAST, _PIL, _BAD = 0, 1, 2  # how a folder file reaches DALI: its own bytes, PIL-decoded PPM, skipped
-_NPARAM = 10  # per view: roi start, roi end, jitter?, brightness, contrast, colour?, hue, saturation, blur?, sigma
 
 
 def dali_available() -> bool:
@@ -83,71 +82,6 @@ def _fast_path(data: bytes) -> tuple[bool, tuple[int, int]]:
 def _ppm(img: Image.Image) -> np.ndarray:
     """8-bit RGB PIL image -> binary PPM bytes (no compression: the cheapest input DALI's decoder takes)."""
     return np.frombuffer(b"P6 %d %d 255\n" % img.size + img.tobytes(), np.uint8)
-
-
-def _crop_boxes(u: np.ndarray, hw: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """torchvision RandomResizedCrop.get_params, vectorised. u [..., 22] uniforms, hw [..., 2], scale [..., 2]
-    -> (y0, x0, h, w) [..., 4]: 10 tries of area ~ U(scale)·H·W and log-uniform ratio, else a central crop."""
-    h, w = hw[..., :1], hw[..., 1:2]
-    target = h * w * (scale[..., :1] + (scale[..., 1:2] - scale[..., :1]) * u[..., :10])
-    lr = np.log(RATIO)
-    aspect = np.exp(lr[0] + (lr[1] - lr[0]) * u[..., 10:20])
-    cw, ch = np.round(np.sqrt(target * aspect)), np.round(np.sqrt(target / aspect))
-    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
-    first = ok.argmax(-1)[..., None]
-    cw, ch, found = np.take_along_axis(cw, first, -1), np.take_along_axis(ch, first, -1), ok.any(-1, keepdims=True)
-    r = w / h  # fallback: the whole image, clamped to the ratio range, centred
-    fw = np.where(r < RATIO[0], w, np.where(r > RATIO[1], np.round(h * RATIO[1]), w))
-    fh = np.where(r < RATIO[0], np.round(w / RATIO[0]), h)
-    cw, ch = np.where(found, cw, fw), np.where(found, ch, fh)
-    y0 = np.where(found, np.floor(u[..., 20:21] * (h - ch + 1)), (h - ch) // 2)
-    x0 = np.where(found, np.floor(u[..., 21:22] * (w - cw + 1)), (w - cw) // 2)
-    return np.concatenate([y0, x0, ch, cw], -1)
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser (a bijective 64-bit hash; uint64 arithmetic wraps)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def uniforms(seed: int, epoch: int, keys, n: int) -> np.ndarray:
-    """[len(keys), n] float64 uniforms in [0, 1): a counter-based SplitMix64 stream per (seed, epoch, key).
-
-    Vectorised over the batch (~1 us per image; a numpy Generator per sample costs ~100 us of the main thread).
-    """
-    mask = (1 << 64) - 1
-    base = _mix(np.array([seed & mask], np.uint64))
-    base = _mix(base ^ np.array([epoch & mask], np.uint64))
-    state = _mix(base ^ (np.asarray(keys, np.int64).astype(np.uint64)[:, None] + np.uint64(1)))
-    ctr = (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))[None, :]
-    return (_mix(state + ctr) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
-
-
-def view_params(recipe: ViewRecipe, keys: list[int], hw: np.ndarray, seed: int, epoch: int) -> list[np.ndarray]:
-    """All random choices of a batch: per view, _NPARAM arrays of shape [B] or [B, 2] (see _NPARAM).
-
-    Sample b's numbers depend on (seed, epoch, keys[b]) only.
-    """
-    r, s = recipe, recipe.color_jitter
-    nv = r.num_global + r.num_focal
-    u = uniforms(seed, epoch, keys, nv * 31).reshape(len(keys), nv, 31)  # [B, V, 31]
-    scale = np.array([r.global_scale] * r.num_global + [r.focal_scale] * r.num_focal, np.float64)
-    box = _crop_boxes(u[..., :22], hw[:, None, :].astype(np.float64), np.broadcast_to(scale, u.shape[:2] + (2,)))
-    y0, x0, ch, cw = np.moveaxis(box, -1, 0)
-    flip = u[..., 22] < 0.5
-    start = np.stack([y0, np.where(flip, x0 + cw, x0)], -1).astype(np.float32)
-    end = np.stack([y0 + ch, np.where(flip, x0, x0 + cw)], -1).astype(np.float32)
-    jit, grey, blur = u[..., 23] < 0.8, u[..., 28] < 0.2, u[..., 29] < r.blur_prob
-    fac = 1 - 0.8 * s + 1.6 * s * u[..., 24:27]  # brightness, contrast, saturation factors ~ U(1 -+ 0.8 s)
-    hue = np.where(jit, (u[..., 27] * 2 - 1) * 0.2 * s * 360, 0)  # torchvision hue fraction -> degrees
-    sat = np.where(jit, fac[..., 2], 1) * ~grey
-    sigma = 0.1 + 1.9 * u[..., 30]
-    per_view = [start, end, jit, fac[..., 0], fac[..., 1], jit | grey, hue, sat, blur, sigma]
-    per_view = [np.ascontiguousarray(np.moveaxis(p, 1, 0), np.bool_ if p.dtype == bool else np.float32)
-                for p in per_view]  # [V, B, ...]
-    return [[p[v] for p in per_view] for v in range(nv)]
 
 
 def _graph(recipe: ViewRecipe, encoded: bool, gpu: bool, source):
@@ -185,6 +119,23 @@ def _graph(recipe: ViewRecipe, encoded: bool, gpu: bool, source):
             x = fn.gaussian_blur(x, sigma=sigma)
         outs.append(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std))
     return tuple(outs)
+
+
+def views_to_torch(outs, recipe: ViewRecipe, b: int, device_id: int | None, pin_memory: bool):
+    """DALI's per-view outputs (one TensorList [b, 3, size, size] per view) -> (globals [G, b, 3, S, S], focals
+    [F, b, 3, s, s]) torch tensors, copied straight into them (on GPU `device_id`, or the CPU)."""
+    r = recipe
+    dev = "cpu" if device_id is None else f"cuda:{device_id}"
+    g = torch.empty(r.num_global, b, 3, r.global_size, r.global_size, device=dev, pin_memory=pin_memory)
+    f = torch.empty(r.num_focal, b, 3, r.focal_size, r.focal_size, device=dev, pin_memory=pin_memory)
+    stream = None if device_id is None else torch.cuda.current_stream(dev).cuda_stream
+    for v, tl in enumerate(outs):
+        dst = g[v] if v < r.num_global else f[v - r.num_global]
+        if stream is None:
+            tl.copy_to_external(ctypes.c_void_p(dst.data_ptr()))
+        else:
+            tl.copy_to_external(ctypes.c_void_p(dst.data_ptr()), stream, non_blocking=False)
+    return g, f
 
 
 class DaliMultiViewLoader:
@@ -311,18 +262,7 @@ class DaliMultiViewLoader:
         self._pipe.build()
 
     def _to_torch(self, outs, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.recipe
-        dev = "cpu" if self.device_id is None else f"cuda:{self.device_id}"
-        g = torch.empty(r.num_global, b, 3, r.global_size, r.global_size, device=dev, pin_memory=self.pin_memory)
-        f = torch.empty(r.num_focal, b, 3, r.focal_size, r.focal_size, device=dev, pin_memory=self.pin_memory)
-        stream = None if self.device_id is None else torch.cuda.current_stream(dev).cuda_stream
-        for v, tl in enumerate(outs):
-            dst = g[v] if v < r.num_global else f[v - r.num_global]
-            if stream is None:
-                tl.copy_to_external(ctypes.c_void_p(dst.data_ptr()))
-            else:
-                tl.copy_to_external(ctypes.c_void_p(dst.data_ptr()), stream, non_blocking=False)
-        return g, f
+        return views_to_torch(outs, self.recipe, b, self.device_id, self.pin_memory)
 
     def _diagnose(self) -> int:
         """After a DALI failure: re-route or skip the culprits among the fast-path files of the batches in flight.
@@ -400,16 +340,23 @@ class DaliMultiViewLoader:
 
 def build_dali_loader(source: Sequence, recipe: ViewRecipe, batch_size: int, *, rank: int = 0, world: int = 1,
                       seed: int = 0, num_threads: int = 2, device_id: int | None = None,
-                      num_workers: int | None = None, pin_memory: bool = False) -> DaliMultiViewLoader:
-    """The DALI loader; `num_workers` (if given) is taken as `num_threads`, so build_loader's keywords work too.
+                      num_workers: int | None = None, pin_memory: bool = False):
+    """The DALI loader of an image source, or of WebDataset shards (a ShardSet: dali_shards.DaliShardLoader, DALI's
+    own webdataset reader); `num_workers` (if given) is taken as `num_threads`, so build_loader's keywords work too.
 
     device_id=None: CPU decoding and augmentation (CPU tensors); an int: `mixed` (GPU) decoding, GPU augmentation
     and CUDA tensors on that device.
     """
+    from .shards import ShardSet
+
     if num_workers is not None:
         num_threads = max(1, num_workers)
-    return DaliMultiViewLoader(source, recipe, batch_size, rank=rank, world=world, seed=seed,
-                               num_threads=num_threads, device_id=device_id, pin_memory=pin_memory)
+    if isinstance(source, ShardSet):
+        from .dali_shards import DaliShardLoader as loader_class
+    else:
+        loader_class = DaliMultiViewLoader
+    return loader_class(source, recipe, batch_size, rank=rank, world=world, seed=seed, num_threads=num_threads,
+                        device_id=device_id, pin_memory=pin_memory)
 
 
-__all__ = ["DaliMultiViewLoader", "build_dali_loader", "dali_available", "uniforms", "view_params"]
+__all__ = ["DaliMultiViewLoader", "build_dali_loader", "dali_available", "uniforms", "view_params", "views_to_torch"]

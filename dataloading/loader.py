@@ -100,8 +100,10 @@ class MultiViewDataset(Dataset):
 
     MAX_REPLACEMENTS = MAX_REPLACEMENTS
 
-    def __init__(self, source: Sequence, recipe: ViewRecipe, seed: int = 0):
+    def __init__(self, source: Sequence, recipe: ViewRecipe, seed: int = 0, decode_only: bool = False):
         self.source, self.transform, self.seed, self.epoch = source, MultiViewTransform(recipe), seed, 0
+        self.decode_only = decode_only  # items carry the decoded image; BatchedCollate makes the views
+        self.max_short_side = 2 * max(recipe.global_size, recipe.focal_size)
         self.known: dict[int, str] = {}  # unreadable files found earlier in the run: not decoded again
 
     def __len__(self) -> int:
@@ -128,6 +130,12 @@ class MultiViewDataset(Dataset):
                 broken[j] = why
             else:
                 return Unusable(exhausted_message(self.source, i, broken))
+        if self.decode_only:
+            factor = min(img.size) // self.max_short_side  # a large photo is box-filtered down first (PIL, in C):
+            if factor > 1:  # crop fractions are relative, so the views' statistics do not change
+                img = img.reduce(factor)
+            pixels = torch.from_numpy(np.array(img, np.uint8, copy=True)).permute(2, 0, 1)  # [3, h, w]
+            return pixels, (i, self.epoch), label, i in broken, broken
         with torch.random.fork_rng(devices=[]):  # the slot's views are seeded by the slot, whatever fills it
             torch.manual_seed((self.seed * 1_000_003 + self.epoch * 100_000_007 + i) % (2**63))
             g, f = self.transform(img)
@@ -143,6 +151,26 @@ def collate(items) -> MultiViewBatch | Unusable:
     labels = torch.tensor([it[2] for it in items], dtype=torch.long)
     broken = {j: why for it in items for j, why in it[4].items()}
     return MultiViewBatch(g, f, labels, sum(it[3] for it in items), broken)
+
+
+class BatchedCollate:
+    """collate_fn of decode-only items: the batch's views in one pass (batched_views), seeded by (seed, epoch,
+    slot index) like the per-image views, so a batch does not depend on the number of workers or a resume."""
+
+    def __init__(self, recipe: ViewRecipe, seed: int):
+        self.recipe, self.seed = recipe, seed
+
+    def __call__(self, items) -> MultiViewBatch | Unusable:
+        from .batched_views import batched_views
+
+        failed = next((it for it in items if isinstance(it, Unusable)), None)
+        if failed is not None:
+            return failed
+        epoch = items[0][1][1]
+        g, f = batched_views([it[0] for it in items], self.recipe, [it[1][0] for it in items], self.seed, epoch)
+        labels = torch.tensor([it[2] for it in items], dtype=torch.long)
+        broken = {j: why for it in items for j, why in it[4].items()}
+        return MultiViewBatch(g, f, labels, sum(it[3] for it in items), broken)
 
 
 class ShardedSampler(Sampler[int]):
@@ -190,19 +218,23 @@ class MultiViewLoader:
     """Iterable of MultiViewBatch for one process; `set_position(epoch, batch)` before each epoch.
 
     `unreadable` (source index -> "PATH: why") holds every broken file met so far by this loader, each warned about
-    once, when first met; its size is the run's count.
+    once, when first met; its size is the run's count. `augment`: "per_image" (views.py, torchvision on each PIL
+    image) or "batched" (batched_views.py: the workers decode, then one tensor pass per batch).
     """
 
     def __init__(self, source: Sequence, recipe: ViewRecipe, batch_size: int, *, rank: int = 0, world: int = 1,
-                 seed: int = 0, num_workers: int = 2, pin_memory: bool = False):
-        self.dataset = MultiViewDataset(source, recipe, seed)
+                 seed: int = 0, num_workers: int = 2, pin_memory: bool = False, augment: str = "per_image"):
+        if augment not in ("per_image", "batched"):
+            raise ValueError(f"augment={augment!r}: choose per_image or batched")
+        self.dataset = MultiViewDataset(source, recipe, seed, decode_only=augment == "batched")
         self.unreadable: dict[int, str] = {}
         self.dataset.known = self.unreadable  # workers start each epoch with a copy: known files are not re-read
         self.sampler = ShardedSampler(len(source), batch_size, rank, world, seed)
         # A private generator: otherwise every new iterator draws its base seed from the global RNG, which
         # would shift the masks sampled by the trainer and break exact resume.
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 collate_fn=collate, drop_last=True, pin_memory=pin_memory,
+                                 collate_fn=collate if augment == "per_image" else BatchedCollate(recipe, seed),
+                                 drop_last=True, pin_memory=pin_memory,
                                  generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_sigint)
 
     @property

@@ -10,6 +10,7 @@ palette, CMYK, 16-bit, alpha) are converted to 8-bit RGB here, so every view pip
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -47,13 +48,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image(path: str) -> Image.Image:
-    """Decode `path` to 8-bit RGB; raises (an OSError, a PIL error, ...) if the file is broken."""
-    if os.path.getsize(path) == 0:
+def read_image(path: str | bytes) -> Image.Image:
+    """Decode `path` (or an encoded image's bytes, e.g. a shard member) to 8-bit RGB; raises (an OSError, a PIL
+    error, ...) if the image is broken."""
+    if (len(path) if isinstance(path, bytes) else os.path.getsize(path)) == 0:
         raise OSError("empty file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
             img.load()  # a truncated file fails here, not later in a worker's transform
             out = to_rgb(img)
     if min(out.size) < 1:

@@ -73,9 +73,14 @@ class MaskConfig:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     path: str | None = None
-    """image folder (DIR/<class>/*.jpg or DIR/*.jpg); None uses the embedded digits dataset"""
+    """image folder (DIR/<class>/*.jpg or DIR/*.jpg; train/ + val/ or test/ splits), WebDataset shards
+    ('shards/train-{000000..000127}.tar'), or None for the embedded digits dataset"""
+    eval_split: str = "auto"
+    """held-out split scored by the end-of-run low-shot evaluation: auto (val, else test) | val | test"""
     backend: str = "torch"
     """data loader: torch (fallback, everywhere) | dali"""
+    augment: str = "per_image"
+    """torch loader's augmentation: per_image (torchvision on each image) | batched (one tensor pass per batch)"""
     batch_size: int = 64
     """images per step (per process)"""
     num_workers: int = 2
@@ -98,6 +103,10 @@ class DataConfig:
     def __post_init__(self):
         if self.backend not in ("torch", "dali"):
             raise ValueError(f"data.backend={self.backend!r}: choose torch or dali")
+        if self.augment not in ("per_image", "batched"):
+            raise ValueError(f"data.augment={self.augment!r}: choose per_image or batched")
+        if self.eval_split not in ("auto", "val", "test"):
+            raise ValueError(f"data.eval_split={self.eval_split!r}: choose auto, val or test")
         if self.batch_size < 2:
             raise ValueError(f"data.batch_size={self.batch_size} must be at least 2 (BatchNorm in the head)")
         if self.num_focal < 0:

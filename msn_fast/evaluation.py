@@ -41,7 +41,6 @@ ONE_SHOT_REG = 1e-3
 MAX_FOLDS = 3
 
 
-@torch.no_grad()
 def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], source: Sequence, transform,
                      batch_size: int = 256, device="cpu", desc: str = "features", with_index: bool = False):
     """Apply `fn` (images [B,3,S,S] -> features [B,D]) to every readable image of `source`.
@@ -49,29 +48,66 @@ def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], source: Sequenc
     Returns (features [N, D] float32, labels [N]); unreadable images are left out. `with_index` adds
     the indices into `source` of the N images read. `desc` names the loop in the progress output.
     """
-    feats, labels, kept, batch = [], [], [], []
+    feats, y, kept = extract_feature_sets({"features": fn}, source, transform, batch_size, device, desc)
+    return (feats["features"], y, kept) if with_index else (feats["features"], y)
 
-    def flush():
-        if batch:
-            x = torch.stack(batch).to(device)
-            feats.append(fn(x).float().cpu())
-            batch.clear()
 
+class _Decoded(torch.utils.data.Dataset):
+    """source[i] -> (transform(image) or None, label, i), for DataLoader workers."""
+
+    def __init__(self, source: Sequence, transform):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        img, label = self.source[i]
+        return (None if img is None else self.transform(img)), label, i
+
+
+def _stack(items):
+    """Collate of _Decoded items: (images [b,3,S,S] of the readable ones, their labels, their indices, items)."""
+    ok = [it for it in items if it[0] is not None]
+    x = torch.stack([it[0] for it in ok]) if ok else None
+    return x, [it[1] for it in ok], [it[2] for it in ok], len(items)
+
+
+def _decoded_batches(source: Sequence, transform, batch_size: int, num_workers: int):
+    """(images, labels, indices, items read) per batch; decoded in `num_workers` worker processes (0: here)."""
+    data = _Decoded(source, transform)
+    if num_workers > 0 and len(source) > batch_size:
+        yield from torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=num_workers,
+                                               collate_fn=_stack)
+        return
+    for s in range(0, len(source), batch_size):
+        yield _stack([data[i] for i in range(s, min(len(source), s + batch_size))])
+
+
+@torch.no_grad()
+def extract_feature_sets(fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], source: Sequence, transform,
+                         batch_size: int = 256, device="cpu", desc: str = "features", num_workers: int = 1):
+    """Every feature set of `fns` (name -> images [B,3,S,S] -> features [B,D]) in one pass over `source`: each
+    image is decoded and transformed once (in `num_workers` loader processes while the encoders run here), and
+    each batch goes through every function.
+
+    Returns ({name: features [N, D_name] float32}, labels [N], indices into `source` of the N images read);
+    unreadable images are left out.
+    """
+    feats = {name: [] for name in fns}
+    labels, kept = [], []
     with Progress(len(source), desc, log, unit="img") as bar:
-        for i in range(len(source)):
-            img, label = source[i]
-            bar.update()
-            if img is None:
+        for x, y, idx, n in _decoded_batches(source, transform, batch_size, num_workers):
+            bar.update(n)
+            if x is None:
                 continue
-            batch.append(transform(img))
-            labels.append(label)
-            kept.append(i)
-            if len(batch) == batch_size:
-                flush()
-        flush()
-    x = torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32)
-    y = np.asarray(labels, dtype=np.int64)
-    return (x, y, np.asarray(kept, dtype=np.int64)) if with_index else (x, y)
+            x = x.to(device)
+            for name, fn in fns.items():
+                feats[name].append(fn(x).float().cpu())
+            labels += y
+            kept += idx
+    out = {name: torch.cat(f).numpy() if f else np.zeros((0, 0), np.float32) for name, f in feats.items()}
+    return out, np.asarray(labels, dtype=np.int64), np.asarray(kept, dtype=np.int64)
 
 
 def preprocess(x: np.ndarray) -> np.ndarray:

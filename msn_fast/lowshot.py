@@ -14,7 +14,7 @@ import torch
 from msn_fast.dataloading import eval_transform
 
 from .config import Config
-from .evaluation import extract_features, format_table, lowshot_eval
+from .evaluation import extract_feature_sets, format_table, lowshot_eval
 from .model import MSN
 from .progress import track
 
@@ -45,10 +45,12 @@ def run_lowshot(model: MSN, cfg: Config, train_source, test_source, device, shot
         "raw pixels": lambda x: x.flatten(1),
     }
     rows, report = {}, {"shots": list(shots), "draws": cfg.run.eval_draws, "results": {}}
-    for name, fn in track(extractors.items(), "low-shot report: feature sets", log, unit="set"):
-        xtr, ytr = extract_features(fn, train_source, tf, device=device, desc=f"{name}: train features")
-        xte, yte = extract_features(fn, test_source, tf, device=device, desc=f"{name}: test features")
-        res = lowshot_eval(xtr, ytr, xte, yte, shots=shots, draws=cfg.run.eval_draws, seed=cfg.run.seed, reg="cv")
+    n = len(extractors)  # one pass per split: each image decoded once for all feature sets
+    xtr, ytr, _ = extract_feature_sets(extractors, train_source, tf, device=device, desc=f"train images ({n} sets)")
+    xte, yte, _ = extract_feature_sets(extractors, test_source, tf, device=device, desc=f"test images ({n} sets)")
+    for name in track(extractors, "low-shot report: feature sets", log, unit="set"):
+        res = lowshot_eval(xtr[name], ytr, xte[name], yte, shots=shots, draws=cfg.run.eval_draws, seed=cfg.run.seed,
+                           reg="cv")
         rows[name] = res
         report["results"][name] = {r.name: r.to_dict() for r in res}
     log.info("low-shot top-1 accuracy (%%, mean ± std over %d draws; %d test images):\n%s", cfg.run.eval_draws,

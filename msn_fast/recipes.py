@@ -44,7 +44,7 @@ def vit_tiny() -> Config:
         head=HeadConfig(hidden_dim=512, out_dim=128, num_prototypes=16),
         mask=MaskConfig(ratio=0.3),
         data=DataConfig(batch_size=32, num_workers=1, global_size=32, focal_size=16, num_focal=4,
-                        global_scale=(0.5, 1.0), focal_scale=(0.25, 0.6), blur_prob=0.0),
+                        global_scale=(0.5, 1.0), focal_scale=(0.25, 0.6), blur_prob=0.0, augment="batched"),
         loss=LossConfig(sinkhorn_iters=3, me_max_weight=1.0),
         optim=OptimConfig(epochs=12, warmup_epochs=1, start_lr=2e-4, lr=2e-3, horizon_scale=1.0, ema_start=0.9),
         run=RunConfig(out_dir="runs/vit_tiny", log_every=10, checkpoint_every=200, eval_draws=5),

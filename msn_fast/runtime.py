@@ -52,10 +52,12 @@ def build_sources(cfg: Config):
     """(pre-training source, low-shot train source or None, low-shot held-out source or None).
 
     A DIR with the splits of `python -m msn_fast.eval` (train/ + val/ or test/ class folders, or train.txt +
-    val.txt or test.txt lists; val before test; BACKGROUND_Google left out) pre-trains on its train split and
-    scores the end-of-run low-shot evaluation on the held-out one; any other DIR pre-trains on all its images.
+    val.txt or test.txt lists; val before test unless data.eval_split says; BACKGROUND_Google left out) pre-trains
+    on its train split and scores the end-of-run low-shot evaluation on the held-out one; any other DIR pre-trains
+    on all its images; a tar or brace pattern of tars pre-trains on WebDataset shards (no evaluation).
     """
     from msn_fast.dataloading import DataError
+    from msn_fast.dataloading.shards import is_shard_pattern, open_shards
     from msn_fast.dataloading.sources import find_splits, split_layout
 
     if cfg.data.path is None:
@@ -64,12 +66,18 @@ def build_sources(cfg: Config):
         log.info("data: the embedded digits; pre-training on train (%d images), low-shot evaluation on test "
                  "(%d images)", len(train), len(test))
         return train, Digits("train", size), test
+    if is_shard_pattern(cfg.data.path):
+        shards = open_shards(cfg.data.path)
+        log.info("data: %d WebDataset shard(s) %s (%d samples); no low-shot evaluation (shards hold no held-out "
+                 "split: score the run with python -m msn_fast.eval on an image folder)", len(shards.urls),
+                 shards.pattern, len(shards))
+        return shards, None, None
     root = Path(cfg.data.path)
-    layout = split_layout(root) if root.is_dir() else None
+    layout = split_layout(root, cfg.data.eval_split) if root.is_dir() else None
     if layout is None:
         return ImageFolder(root), None, None
     try:
-        splits = find_splits(root)
+        splits = find_splits(root, eval_split=cfg.data.eval_split)
     except DataError as e:
         if layout[0] == "lists":
             raise

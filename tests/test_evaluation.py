@@ -1,4 +1,6 @@
 import numpy as np
+import torch
+from PIL import Image
 
 from msn_fast.evaluation import draw_labelled, format_table, lowshot_eval, preprocess
 
@@ -44,3 +46,54 @@ def test_table_format():
     xtr, ytr = _blobs(5, 2, 4, 5.0, 0)
     res = lowshot_eval(xtr, ytr, xtr, ytr, shots=(1,), draws=2)
     assert "1-shot" in format_table({"a": res})
+
+
+class _CountingSource:
+    """(image | None, label) items that count their reads; item 3 is unreadable."""
+
+    def __init__(self, n, seed=0):
+        rng = np.random.default_rng(seed)
+        self.images = [Image.fromarray(rng.integers(0, 256, (9 + i % 4, 11, 3), dtype=np.uint8)) for i in range(n)]
+        self.reads = [0] * n
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        self.reads[i] += 1
+        return (None if i == 3 else self.images[i]), i % 3
+
+
+def test_feature_sets_in_one_pass_read_each_image_once_and_equal_each_set_alone():
+    from msn_fast.dataloading import eval_transform
+    from msn_fast.evaluation import extract_feature_sets
+
+    src, tf = _CountingSource(11), eval_transform(8)
+    w = torch.randn(3 * 8 * 8, 5, dtype=torch.float64)
+    fns = {"pixels": lambda x: x.flatten(1), "linear": lambda x: x.flatten(1).double() @ w}
+    feats, y, kept = extract_feature_sets(fns, src, tf, batch_size=4, num_workers=0)
+    assert src.reads == [1] * 11  # one decode per image for both sets
+    in_workers = extract_feature_sets(fns, src, tf, batch_size=4, num_workers=2)  # decoded in loader processes
+    assert all(np.array_equal(in_workers[0][k], feats[k]) for k in fns) and np.array_equal(in_workers[2], kept)
+    assert kept.tolist() == [i for i in range(11) if i != 3] and y.tolist() == [i % 3 for i in kept]
+    for i, row in zip(kept, range(len(kept))):  # each image alone, outside the batch
+        x = tf(src.images[i])[None]
+        np.testing.assert_array_equal(feats["pixels"][row], fns["pixels"](x)[0].numpy())
+        ref = fns["linear"](x)[0].float().numpy()  # the batched product differs by rounding only
+        np.testing.assert_allclose(feats["linear"][row], ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    assert {k: v.shape for k, v in feats.items()} == {"pixels": (10, 192), "linear": (10, 5)}
+
+
+def test_end_of_run_report_reads_each_image_once():
+    from msn_fast import lowshot
+    from msn_fast.model import MSN
+    from msn_fast.recipes import get_recipe
+
+    cfg = get_recipe("vit_tiny")
+    cfg.vit.dim, cfg.vit.depth, cfg.vit.heads, cfg.head.hidden_dim, cfg.head.out_dim = 16, 1, 2, 16, 8
+    cfg.head.num_prototypes, cfg.vit.img_size, cfg.data.global_size, cfg.run.eval_draws = 8, 16, 16, 2
+
+    train, test = _CountingSource(12, 1), _CountingSource(9, 2)
+    report = lowshot.run_lowshot(MSN(cfg), cfg, train, test, torch.device("cpu"), shots=(1,))
+    assert train.reads == [1] * 12 and test.reads == [1] * 9
+    assert set(report["results"]) == {"msn (target encoder)", "random-init encoder", "raw pixels"}

@@ -160,9 +160,9 @@ def test_cli_unreadable_subset_image_is_an_error(tmp_path, capsys):
                                   f"{WNIDS[0]}_train0.png)"], err
 
 
-def _trainer_sources(path, caplog):
+def _trainer_sources(path, caplog, eval_split="auto"):
     cfg = Config()
-    cfg.data.path = str(path)
+    cfg.data.path, cfg.data.eval_split = str(path), eval_split
     with caplog.at_level(logging.INFO, logger="msn_fast.train"):
         return build_sources(cfg)
 
@@ -174,6 +174,15 @@ def test_trainer_pretrains_on_train_and_evaluates_on_val(tmp_path, caplog):
     assert str(ev_test.root) == str(root / "val")
     assert any("low-shot evaluation on val (6 images)" in r.getMessage() and "val preferred over test"
                in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_trainer_evaluates_the_split_it_is_told(tmp_path, caplog):
+    root = _imagenet(tmp_path / "d", (("train", 3), ("val", 2), ("test", 1)))
+    _, _, ev_test = _trainer_sources(root, caplog, eval_split="test")
+    assert str(ev_test.root) == str(root / "test") and len(ev_test) == 3
+    assert "low-shot evaluation on test (3 images)" in caplog.text
+    with pytest.raises(DataError, match="has no val/ to evaluate on"):
+        _trainer_sources(_imagenet(tmp_path / "e", (("train", 2), ("test", 1))), caplog, eval_split="val")
 
 
 def test_trainer_without_labels_pretrains_without_evaluation(tmp_path, caplog):

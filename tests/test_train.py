@@ -138,6 +138,8 @@ def test_checkpoint_errors(tmp_path):
     (["--loss.sinkhorn_iters", "-1"], "loss.sinkhorn_iters=-1 must be >= 0"),
     (["--loss.backend", "cuda"], "loss.backend='cuda': choose auto, triton or torch"),
     (["--run.keep_checkpoints", "0"], "run.keep_checkpoints=0 must be >= 1"),
+    (["--data.eval_split", "train"], "data.eval_split='train': choose auto, val or test"),
+    (["--data.augment", "gpu"], "data.augment='gpu': choose per_image or batched"),
     (["--run.checkpoint_every", "0"], "run.checkpoint_every=0 must be >= 1"),
 ])
 def test_bad_input_is_one_clear_line(args, message, capsys):

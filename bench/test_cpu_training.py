@@ -1,0 +1,100 @@
+"""Benchmark: the CPU recipe's training throughput with the per-image and the batched augmentation, against a GEMM
+ceiling measured in the same run.
+
+The real trainer (`python -m msn_fast.train --model vit_tiny`, its 32 px views) runs in a subprocess on
+CIFAR-10's train split (../shared/data/cifar10; generated 32 px JPEGs when absent) for MSN_BENCH_STEPS steps
+(default 60), no checkpoint, no evaluation, in three settings, rounds interleaved (A B C, C B A, ...):
+- per_image: `--data.augment per_image` (torchvision on each image in the one loader worker; the trainer then
+  gives training 1 thread, leaving the other core to the worker) - the behaviour before batched augmentation;
+- batched: `--data.augment batched`, the same threads;
+- batched, 2 threads: `--data.augment batched` with OMP_NUM_THREADS=2 (the worker is cheap enough to share).
+Images/s is the median of the trainer's own log lines after the first (its `img_per_s`, metrics.jsonl). GFLOP/s =
+images/s x the step's FLOPs per image (msn_fast.runtime.step_flops_per_image: target forward + student forward and
+backward; patch embedding, head and loss left out), against the fp32 GEMM ceiling: the median GFLOP/s of a
+1024 x 1024 x 1024 `torch.mm` on every core, timed between the training rounds.
+Run: pytest bench/test_cpu_training.py --benchmark-only -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+STEPS = int(os.environ.get("MSN_BENCH_STEPS", "60"))
+SETTINGS = {"per_image": ("per_image", None), "batched": ("batched", None), "batched_2_threads": ("batched", "2")}
+
+
+def _data(tmp_path_factory) -> tuple[Path, str]:
+    if (CIFAR / "train").is_dir():
+        return CIFAR / "train", "cifar10 train (50,000 JPEGs, 32 px)"
+    root, rng = tmp_path_factory.mktemp("cifar_like"), np.random.default_rng(0)
+    for i in range(4000):
+        (root / f"c{i % 10}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"c{i % 10}" / f"{i}.jpg")
+    return root, "generated 32 px JPEGs (../shared/data/cifar10 absent)"
+
+
+def _train(data: Path, out: Path, augment: str, threads: str | None) -> float:
+    """Median images/s of the trainer's log lines after the first, for one run."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if threads:
+        env["OMP_NUM_THREADS"] = threads
+    cmd = [sys.executable, "-m", "msn_fast.train", "--model", "vit_tiny", "--data.path", str(data), "--data.augment",
+           augment, "--run.max_steps", str(STEPS), "--run.log_every", "10", "--run.checkpoint_every", "100000",
+           "--run.eval_lowshot", "false", "--run.out_dir", str(out)]
+    env["MSN_FAST_PROGRESS"] = "0"
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rates = [json.loads(line)["img_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(rates[1:])
+
+
+def _gemm_gflops(n: int = 1024, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+@pytest.mark.benchmark(group="cpu-training")
+def test_cpu_recipe_training_throughput(benchmark, bench_report, tmp_path, tmp_path_factory):
+    from msn_fast.recipes import get_recipe
+    from msn_fast.runtime import step_flops_per_image
+
+    if torch.cuda.is_available():
+        pytest.skip("a CPU benchmark (the recipe for a 2-core CPU)")
+    data, what = _data(tmp_path_factory)
+    rates: dict[str, list[float]] = {k: [] for k in SETTINGS}
+    gemm = []
+    order = list(SETTINGS)
+    for r in range(2):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            rates[name].append(_train(data, tmp_path / f"{name}_{r}", *SETTINGS[name]))
+        gemm.append(_gemm_gflops())
+    benchmark.pedantic(_gemm_gflops, rounds=1, warmup_rounds=0, iterations=1)
+    flops = step_flops_per_image(get_recipe("vit_tiny"))
+    ceiling = statistics.median(gemm)
+    base = statistics.median(rates["per_image"])
+    info = {"data": what, "steps": STEPS, "threads": torch.get_num_threads(), "gemm_gflops": round(ceiling, 1)}
+    for name, rs in rates.items():
+        ips = statistics.median(rs)
+        info[f"{name}_img_s"] = round(ips, 1)
+        info[f"{name}_over_per_image"] = round(ips / base, 2)
+        info[f"{name}_gflops_of_gemm"] = round(ips * flops / 1e9 / ceiling, 2)
+    benchmark.extra_info.update(info)
+    bench_report.add_row("CPU recipe training: per-image vs batched augmentation", info)
