@@ -28,7 +28,7 @@ extras_require = {
     "xformers": ["xformers"],
     "apex": ["apex"],
     "timm": ["timm>=1.0"],
-    "hf": ["transformers>=4.44"],  # msn_fast.interop.to_hf / from_hf / export-hf (tested with 5.24)
+    "hf": ["transformers>=4.44"],  # msn_fast.interop.to_hf / from_hf / export-hf (tested with 4.46.3, 5.24, 5.25)
     "shards": ["webdataset>=0.2.86"],  # --data.path 'shards-{000000..000127}.tar', msn_fast.dataloading.shards
     "tensorboard": ["tensorboard"],
     "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib"],
