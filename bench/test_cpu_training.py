@@ -1,7 +1,7 @@
 """Benchmark: the CPU recipe's training throughput with the per-image and the batched augmentation, against a GEMM
 ceiling measured in the same run.
 
-The real trainer (`python -m msn_fast.train --model vit_tiny`, its 32 px views) runs in a subprocess on
+The real trainer (`python -m msn_fast.train --model cpu_demo`, its 32 px views) runs in a subprocess on
 CIFAR-10's train split (../shared/data/cifar10; generated 32 px JPEGs when absent) for MSN_BENCH_STEPS steps
 (default 60), no checkpoint, no evaluation, in three settings, rounds interleaved (A B C, C B A, ...):
 - per_image: `--data.augment per_image` (torchvision on each image in the one loader worker; the trainer then
@@ -9,7 +9,7 @@ CIFAR-10's train split (../shared/data/cifar10; generated 32 px JPEGs when absen
 - batched: `--data.augment batched`, the same threads;
 - batched, 2 threads: `--data.augment batched` with OMP_NUM_THREADS=2 (the worker is cheap enough to share).
 Images/s is the median of the trainer's own log lines after the first (its `img_per_s`, metrics.jsonl). GFLOP/s =
-images/s x the step's FLOPs per image (msn_fast.runtime.step_flops_per_image: target forward + student forward and
+images/s x the step's FLOPs per image (msn_fast.flops.step_flops_per_image: target forward + student forward and
 backward; patch embedding, head and loss left out), against the fp32 GEMM ceiling: the median GFLOP/s of a
 1024 x 1024 x 1024 `torch.mm` on every core, timed between the training rounds.
 Run: pytest bench/test_cpu_training.py --benchmark-only -s
@@ -50,7 +50,7 @@ def _train(data: Path, out: Path, augment: str, threads: str | None) -> float:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     if threads:
         env["OMP_NUM_THREADS"] = threads
-    cmd = [sys.executable, "-m", "msn_fast.train", "--model", "vit_tiny", "--data.path", str(data), "--data.augment",
+    cmd = [sys.executable, "-m", "msn_fast.train", "--model", "cpu_demo", "--data.path", str(data), "--data.augment",
            augment, "--run.max_steps", str(STEPS), "--run.log_every", "10", "--run.checkpoint_every", "100000",
            "--run.eval_lowshot", "false", "--run.out_dir", str(out)]
     env["MSN_FAST_PROGRESS"] = "0"
@@ -73,8 +73,8 @@ def _gemm_gflops(n: int = 1024, reps: int = 5) -> float:
 
 @pytest.mark.benchmark(group="cpu-training")
 def test_cpu_recipe_training_throughput(benchmark, bench_report, tmp_path, tmp_path_factory):
+    from msn_fast.flops import step_flops_per_image
     from msn_fast.recipes import get_recipe
-    from msn_fast.runtime import step_flops_per_image
 
     if torch.cuda.is_available():
         pytest.skip("a CPU benchmark (the recipe for a 2-core CPU)")
@@ -87,7 +87,7 @@ def test_cpu_recipe_training_throughput(benchmark, bench_report, tmp_path, tmp_p
             rates[name].append(_train(data, tmp_path / f"{name}_{r}", *SETTINGS[name]))
         gemm.append(_gemm_gflops())
     benchmark.pedantic(_gemm_gflops, rounds=1, warmup_rounds=0, iterations=1)
-    flops = step_flops_per_image(get_recipe("vit_tiny"))
+    flops = step_flops_per_image(get_recipe("cpu_demo"))
     ceiling = statistics.median(gemm)
     base = statistics.median(rates["per_image"])
     info = {"data": what, "steps": STEPS, "threads": torch.get_num_threads(), "gemm_gflops": round(ceiling, 1)}

@@ -91,16 +91,16 @@ CIFAR = CALTECH.parent / "cifar10"
 
 
 @pytest.mark.benchmark(group="dataloader-batched-augmentation")
-@pytest.mark.parametrize("recipe_name", ["vit_tiny", "official"])
+@pytest.mark.parametrize("recipe_name", ["cpu_demo", "official"])
 def test_batched_vs_per_image_augmentation(benchmark, source, timer, bench_report, tmp_path_factory, recipe_name):
     """The torch loader with augment="batched" (workers decode, one tensor pass per batch) against "per_image"
-    (torchvision on each image), both with num_workers=2, interleaved epochs. `vit_tiny`: the CPU recipe's views
+    (torchvision on each image), both with num_workers=2, interleaved epochs. `cpu_demo`: the CPU recipe's views
     (2 x 32 + 4 x 16) on CIFAR-10 test images (or generated 32 px ones); `official`: 2 x 224 + 10 x 96 on the
     Caltech-101 / generated source above."""
     from msn_fast.recipes import get_recipe
 
-    if recipe_name == "vit_tiny":
-        d = get_recipe("vit_tiny").data
+    if recipe_name == "cpu_demo":
+        d = get_recipe("cpu_demo").data
         recipe = ViewRecipe(global_size=d.global_size, focal_size=d.focal_size, num_focal=d.num_focal,
                             global_scale=d.global_scale, focal_scale=d.focal_scale, color_jitter=d.color_jitter,
                             blur_prob=d.blur_prob)

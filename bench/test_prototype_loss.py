@@ -1,4 +1,4 @@
-"""MSN prototype loss benchmarks: the fused Triton op vs the eager reference, forward + backward.
+"""MSN prototype loss benchmarks: msn_fast.loss.msn_loss on the fused Triton op vs the eager reference, fwd + bwd.
 
 Shapes: the ViT-S/16 recipe (per-GPU batch 64 x 11 views = 704 anchor rows, 64 targets, K = 1024
 prototypes, d = 256) and L/7 (batch 128 x 11 = 1408 rows), Sinkhorn off and on (3 iterations, the
@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from bench.timing import HAS_CUDA, sync
-from msn_fast.kernels import msn_prototype_loss, msn_prototype_loss_ref
+from msn_fast.loss import msn_loss, msn_loss_ref
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 VIEWS, K, DIM = 11, 1024, 256
 BATCH = {"vit_s16": 64, "vit_l7": 128}  # per GPU
-PROVIDERS = {"eager": msn_prototype_loss_ref, "fused": lambda *a, **kw: msn_prototype_loss(*a, **kw, backend="triton")}
+PROVIDERS = {"eager": msn_loss_ref, "fused": lambda *a, **kw: msn_loss(*a, **kw, backend="triton")}
 
 
 def _inputs(batch):
@@ -58,7 +58,7 @@ def _check_once(fn, anchor, target, protos, sinkhorn_iters):
     """Loss and both gradients against the eager objective computed in float64."""
     got = _fwd_bwd(fn, anchor, target, protos, sinkhorn_iters)
     leaves = [t.detach().double().requires_grad_() for t in (anchor, protos)]
-    ref = _fwd_bwd(msn_prototype_loss_ref, leaves[0], target.double(), leaves[1], sinkhorn_iters)
+    ref = _fwd_bwd(msn_loss_ref, leaves[0], target.double(), leaves[1], sinkhorn_iters)
     for name, g, r, tol in zip(("loss", "d_anchor", "d_prototypes"), got, ref, (1e-4, 2e-2, 1e-3)):
         err = ((g.double() - r).abs().max() / r.abs().max()).item()
         assert err <= tol, f"{name}: relative max error {err:.2e}"
@@ -102,7 +102,7 @@ def test_prototype_loss_fwd_bwd(benchmark, model, sinkhorn_iters, provider):
         def run(f):
             return lambda: _fwd_bwd(f, anchor, target, protos, sinkhorn_iters)
 
-        ms_eager = triton.testing.do_bench(run(msn_prototype_loss_ref), warmup=25, rep=200)
+        ms_eager = triton.testing.do_bench(run(msn_loss_ref), warmup=25, rep=200)
         ms_fused = triton.testing.do_bench(run(fn), warmup=25, rep=200)
         benchmark.extra_info.update(triton=triton.__version__, eager_ms=round(ms_eager, 4),
                                     speedup_vs_eager=round(ms_eager / ms_fused, 3))

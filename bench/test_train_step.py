@@ -110,10 +110,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _build(cfg, device: torch.device):
-    """The trainer's model and optimizer (runtime.build_model: FSDP2/bf16 on a GPU); plain MSN + AdamW before it."""
+    """The trainer's model and optimizer (build.build_model: FSDP2/bf16 on a GPU); plain MSN + AdamW before it."""
     try:
+        from msn_fast.build import build_model, build_optimizer
         from msn_fast.distributed import DistInfo
-        from msn_fast.runtime import build_model, build_optimizer
     except ImportError:
         from msn_fast.model import MSN, param_groups
 

@@ -4,8 +4,9 @@ A source is a sequence of (PIL RGB image | None, label) pairs; None means the fi
 decoded, and the loader replaces it, names it once and counts it once. `ImageFolder.load(i)` says why,
 without a warning (the loaders warn from the main process, once per file per run). Odd modes (greyscale,
 palette, CMYK, 16-bit, alpha) are converted to 8-bit RGB here, so every view pipeline sees the same input.
-`find_splits` reads a dataset folder with a train split and a held-out split (folders or lists, below), and
-`subset_indices` matches an official MSN/SimCLR subset file (one file name per line) to the train split.
+`find_splits` reads a dataset folder with a train split and a held-out split (folders or lists, below;
+`load_splits` adds a one-line description), and `subset_indices` matches an official MSN/SimCLR subset file
+(one file name per line) to the train split.
 """
 
 from __future__ import annotations
@@ -284,6 +285,24 @@ def find_splits(data: str | os.PathLike, exclude: Sequence[str] | None = None, e
     if missing:
         log.warning("%s classes with no training image (never predicted): %s", held_out, ", ".join(missing[:5]))
     return Splits(train, test, held_out, layout)
+
+
+def load_splits(data: str | os.PathLike, exclude: Sequence[str] | None = None,
+                eval_split: str = "auto") -> tuple[ImageFolder, ImageFolder, str]:
+    """(train source, held-out source, description) of DIR in either layout; raises DataError on leaks.
+
+    The description counts the image files listed; the evaluation reports those actually read (`data_summary`)."""
+    s = find_splits(data, exclude, eval_split)
+    return s.train, s.held_out, data_summary(s.layout, len(s.train), len(s.held_out), len(set(s.train.labels())),
+                                             held_out=s.held_out_name)
+
+
+def data_summary(layout: str, n_train: int, n_test: int, n_classes: int, unreadable: int = 0,
+                 held_out: str = "test") -> str:
+    """One line on the splits: layout, image counts (and unreadable ones skipped), classes, the split scored."""
+    skipped = f" ({unreadable} unreadable skipped)" if unreadable else ""
+    return (f"{layout}: {n_train} train / {n_test} {held_out} images{skipped}, {n_classes} classes; "
+            f"evaluated on {held_out}")
 
 
 def subset_indices(src: ImageFolder, names: Sequence[str], what: str) -> np.ndarray:

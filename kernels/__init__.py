@@ -32,16 +32,14 @@ if __name__ != "msn_fast.kernels":
 else:
     from .attention import attention, attention_ref
     from .patch_embed import embed_kept_patches, embed_kept_patches_ref
-    from .prototype_loss import LossStats, msn_prototype_loss, msn_prototype_loss_ref, sinkhorn
+    from .prototype_ce import prototype_cross_entropy, prototype_cross_entropy_ref
     from .token_gather import gather_tokens, gather_tokens_ref
 
     __all__ = [
         "attention",
         "attention_ref",
-        "msn_prototype_loss",
-        "msn_prototype_loss_ref",
-        "sinkhorn",
-        "LossStats",
+        "prototype_cross_entropy",
+        "prototype_cross_entropy_ref",
         "embed_kept_patches",
         "embed_kept_patches_ref",
         "gather_tokens",

@@ -1,4 +1,4 @@
-"""Shared plumbing for the kernels: backend choice, interpreter detection, launch settings.
+"""Shared plumbing for the kernels: backend choice, interpreter detection, launch settings, input checks.
 
 Every public op in `msn_fast.kernels` takes `backend="auto" | "triton" | "torch"` (attention also
 "xformers"). "auto" means Triton on a CUDA tensor and the torch implementation otherwise (also under the
@@ -184,19 +184,29 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def calculate_settings(n: int, max_block: int = 65536) -> tuple[int, int]:
-    """Block size and warp count for a row-wise kernel over `n` columns (Liger-Kernel's heuristic)."""
-    block = next_power_of_2(n)
-    if block > max_block:
-        raise ValueError(f"row of {n} elements exceeds the maximum block of {max_block}")
-    num_warps = 4
-    if block >= 32768:
-        num_warps = 32
-    elif block >= 8192:
-        num_warps = 16
-    elif block >= 2048:
-        num_warps = 8
-    return block, num_warps
+def calculate_settings(
+    n_cols: int, n_rows: int | None = None, *, max_cols: int = 1024, elems: int = 4096, per_thread: int = 8
+) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_COLS, num_warps) for an element-wise, row-wise or gather kernel over [n_rows, n_cols].
+
+    Liger-Kernel's calculate_settings, widened to several rows a program. BLOCK_COLS is n_cols padded to a
+    power of two, at most `max_cols` (a power of two: wider rows take a grid axis over column tiles, and a
+    kernel that needs whole rows checks n_cols itself); BLOCK_M packs rows (at most next_power_of_2(n_rows))
+    until a program holds about `elems` elements. num_warps leaves each thread about `per_thread` of them
+    (8: the Triton tutorials' ratio, 1024-element blocks on 4 warps), within 4-16 warps. The gathers pass
+    the per-thread counts their launch settings had before this function served them (4 warps), as no GPU
+    timing has yet said that more warps pay.
+    """
+    block_cols = min(next_power_of_2(n_cols), max_cols)
+    block_m = max(1, elems // block_cols)
+    if n_rows is not None:
+        block_m = min(block_m, next_power_of_2(n_rows))
+    return block_m, block_cols, min(16, max(4, block_m * block_cols // (32 * per_thread)))
+
+
+def idx_strides(keep_idx: torch.Tensor) -> tuple[int, int]:
+    """(stride over samples, stride over kept tokens) of keep_idx; a shared [K] index has sample stride 0."""
+    return (0, keep_idx.stride(0)) if keep_idx.dim() == 1 else (keep_idx.stride(0), keep_idx.stride(1))
 
 
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:

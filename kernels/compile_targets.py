@@ -67,7 +67,7 @@ class _Kernel:
 
 def _kernels() -> list[_Kernel]:
     """The explicit table. Other ints are i32, with a multiple-of-16 hint for strides and HEAD_DIM."""
-    at, pe, pl, tg = (_module(m) for m in ("attention", "patch_embed", "prototype_loss_triton", "token_gather"))
+    at, pe, pl, tg = (_module(m) for m in ("attention_triton", "patch_embed", "prototype_ce_triton", "token_gather"))
 
     def tuned(configs: list[triton.Config]) -> Callable[[str, int | None], list[Config]]:
         def make(dtype: str, d: int | None) -> list[Config]:
@@ -81,17 +81,18 @@ def _kernels() -> list[_Kernel]:
         return lambda dtype, d: [(dict(c), w, s) for c, w, s in configs]
 
     def pre(dtype: str, d: int | None) -> list[Config]:
-        return [({"BLOCK_D": next_power_of_2(d), "BLOCK_M": at._PRE_BLOCK_M}, 4, None)]
+        return [({"BLOCK_D": next_power_of_2(d), "BLOCK_M": at.PRE_BLOCK_M}, 4, None)]
 
     def patch_fwd(dtype: str, d: int | None) -> list[Config]:  # values of patch_embed_fwd
-        blocks = {"BLOCK_M": 64, "BLOCK_N": max(16, min(128, next_power_of_2(WIDTH))), "BLOCK_K": 64}
+        bm, bn, bk, warps, stages = pe._gemm_settings(WIDTH, KDIM)
         flags = {"PATCH": PATCH, "KDIM": KDIM, "HAS_BIAS": True, "HAS_POS": True}
-        return [({**flags, "PRECISION": "ieee" if dtype == "fp32" else "tf32", **blocks}, 4, 3)]
+        blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        return [({**flags, "PRECISION": "ieee" if dtype == "fp32" else "tf32", **blocks}, warps, stages)]
 
-    gm, gd, gw = tg._row_tiles(KEPT_ROWS, WIDTH)
+    gm, gd, gw = tg._tiles(WIDTH, KEPT_ROWS)  # token_gather's launchers: (D, B*K)
+    im, ik, iw = pe._im2col_settings(KEPT_ROWS, KDIM)
     rm, rd, rw = pl._tile(OUT_DIM, None)  # l2norm rows of the embeddings or prototypes
     km, kk, kw = pl._tile(PROTOS, None)  # whole rows of logits
-    sm, sk, sw = pl._tile(PROTOS, None, elems=4096)  # one program doing Sinkhorn
     attn_unit = tuple(f"stride_{t}d" for t in ("q", "k", "v", "o", "do", "dk", "dv", "dq"))
     qkv = {"Q": "x", "K": "x", "V": "x", "DO": "x", "LSE": "fp32", "Delta": "fp32"}
     f32 = "fp32"
@@ -109,8 +110,7 @@ def _kernels() -> list[_Kernel]:
                 ("stride_xw", "stride_it", "stride_wk", "stride_pd", "stride_od"), (), patch_fwd),
         _Kernel("patch_embed_bwd", pe._patch_embed_bwd_kernel, {"X": "x", "Idx": "i64", "A": "x"},
                 ("stride_xw", "stride_it", "stride_ak"), (),
-                fixed(({"PATCH": PATCH, "KDIM": KDIM, "BLOCK_M": 32, "BLOCK_K": min(256, next_power_of_2(KDIM))},
-                       4, None))),
+                fixed(({"PATCH": PATCH, "KDIM": KDIM, "BLOCK_M": im, "BLOCK_K": ik}, iw, None))),
         _Kernel("token_gather_fwd", tg._token_gather_fwd_kernel, {"X": "x", "Idx": "i64", "Pos": "x", "Out": "x"},
                 ("stride_xd", "stride_it", "stride_pd", "stride_od"), (),
                 fixed(({"HAS_POS": True, "BLOCK_M": gm, "BLOCK_D": gd}, gw, None))),
@@ -118,21 +118,16 @@ def _kernels() -> list[_Kernel]:
                 ("stride_yd", "stride_it", "stride_xd"), (), fixed(({"BLOCK_M": gm, "BLOCK_D": gd}, gw, None))),
         _Kernel("l2norm_fwd", pl._l2norm_fwd_kernel, {"X": "x", "Y": f32}, ("stride_xd",), (),
                 fixed(({"BLOCK_M": rm, "BLOCK_D": rd}, rw, None))),
-        _Kernel("l2norm_bwd", pl._l2norm_bwd_kernel, {"X": "x", "G": f32, "DX": "x", "GRAD_OUT": f32},
+        _Kernel("l2norm_bwd", pl._l2norm_bwd_kernel, {"X": "x", "G": f32, "DX": "x"},
                 ("stride_xd",), (), fixed(*(({"PRESCALED": p, "BLOCK_M": rm, "BLOCK_D": rd}, rw, None)
                                             for p in (True, False)))),
-        _Kernel("target_probs", pl._target_probs_kernel, {"S": f32, "X": "x"}, ("stride_xd",), ("inv_temp",),
-                fixed(({"SINKHORN_ITERS": 0, "BLOCK_M": km, "BLOCK_K": kk, "BLOCK_D": OUT_DIM}, kw, None),
-                      ({"SINKHORN_ITERS": 3, "BLOCK_M": sm, "BLOCK_K": sk, "BLOCK_D": OUT_DIM}, sw, None))),
-        _Kernel("prototype_loss_fwd", pl._prototype_loss_fwd_kernel,
-                {"S": f32, "A": "x", "Q": f32, "LSE": f32, "RNORM": f32, "CE": f32, "PART": f32, "QMAX": f32,
-                 "QARG": "i64"}, ("stride_ad", "stride_qk"), ("inv_tau", "inv_rows"),
+        _Kernel("prototype_ce_fwd", pl._prototype_ce_fwd_kernel,
+                {"S": f32, "A": "x", "Q": f32, "LSE": f32, "RNORM": f32, "CE_PART": f32, "P_PART": f32},
+                ("stride_ad", "stride_qk"), ("inv_tau", "inv_rows"),
                 fixed(({"BLOCK_M": km, "BLOCK_K": kk, "BLOCK_D": OUT_DIM}, kw, None))),
-        _Kernel("prototype_loss_bwd", pl._prototype_loss_bwd_kernel,
-                {n: f32 for n in ("S", "LSE", "RNORM", "Q", "PSUM", "CE", "QMAX", "LOSS", "STATS")} | {"QARG": "i64"},
-                ("stride_qk",), ("inv_world", "scale", "me_max_weight", "log_k"),
-                fixed(*(({"WRITE_GRAD": g, "BLOCK_M": km, "BLOCK_K": kk, "BLOCK_B": max(1, 16384 // kk)}, kw, None)
-                        for g in (True, False)))),
+        _Kernel("prototype_ce_bwd", pl._prototype_ce_bwd_kernel,
+                {n: f32 for n in ("S", "LSE", "RNORM", "Q", "G_CE", "G_MEAN")}, ("stride_qk",), ("scale",),
+                fixed(({"BLOCK_M": km, "BLOCK_K": kk}, kw, None))),
     ]  # fmt: skip
 
 
@@ -238,7 +233,7 @@ def compile_report(targets=TARGETS, head_dims=HEAD_DIMS, dtypes=DTYPES, kernels=
 
     Under TRITON_INTERPRET the kernels are interpreter objects, so the sweep runs in a child Python without it.
     """
-    if not isinstance(_jit(_module("attention")._attention_fwd_kernel), JITFunction):
+    if not isinstance(_jit(_module("attention_triton")._attention_fwd_kernel), JITFunction):
         return _report_in_subprocess(targets, head_dims, dtypes, kernels, all_configs)
     table = [k for k in _kernels() if kernels is None or k.name in kernels]
     if (reason := unavailable()) is not None:

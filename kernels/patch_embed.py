@@ -14,7 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from . import selfcheck
-from ._utils import check_dtype, check_same_device, next_power_of_2, resolve_backend, tl, triton
+from ._utils import (
+    calculate_settings,
+    check_dtype,
+    check_same_device,
+    idx_strides,
+    next_power_of_2,
+    resolve_backend,
+    tl,
+    triton,
+)
 from .token_gather import check_keep_idx, check_pos_embed, gather_rows, pos_embed_grad
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -110,8 +119,17 @@ def _patch_embed_bwd_kernel(
     tl.store(A + rows[:, None] * stride_am + k[None, :] * stride_ak, a, mask=(rows < M)[:, None] & k_mask[None, :])
 
 
-def _idx_strides(keep_idx: torch.Tensor) -> tuple[int, int]:
-    return (0, keep_idx.stride(0)) if keep_idx.dim() == 1 else (keep_idx.stride(0), keep_idx.stride(1))
+def _gemm_settings(d: int, kdim: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the fused forward, a tl.dot GEMM, hence a fixed
+    tile rather than calculate_settings: 64 x up to 128 x up to 64 (tl.dot needs each side >= 16 for 16-bit
+    inputs), 4 warps, 3 stages."""
+    return 64, max(16, min(128, next_power_of_2(d))), max(16, min(64, next_power_of_2(kdim))), 4, 3
+
+
+def _im2col_settings(m: int, kdim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) of the im2col gather: 256-column tiles, as C*P*P = 768 (RGB, 16-pixel
+    patches) is three of them, and 32 rows a program on 4 warps."""
+    return calculate_settings(kdim, m, max_cols=256, elems=8192, per_thread=64)
 
 
 def patch_embed_fwd(
@@ -137,19 +155,18 @@ def patch_embed_fwd(
         out = torch.empty(bsz, out_row0 + k, d, dtype=images.dtype, device=images.device)
     assert out.shape == (bsz, out_row0 + k, d) and out.dtype == images.dtype, "patch_embed_fwd: bad out buffer"
     m = bsz * k
-    block_m, block_n = 64, max(16, min(128, next_power_of_2(d)))
-    block_k = max(16, min(64, next_power_of_2(kdim)))  # tl.dot needs K >= 16 for 16-bit inputs
+    block_m, block_n, block_k, num_warps, num_stages = _gemm_settings(d, kdim)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(d, block_n),)
     bias_t = images if bias is None else bias  # dummy pointers for absent operands
     pos_t = weight2d if pos is None else pos
     _patch_embed_fwd_kernel[grid](
         images, keep_idx, weight2d, bias_t, pos_t, out,
         m, k, gh * gw, gw, d, out_row0,
-        *images.stride(), *_idx_strides(keep_idx), *weight2d.stride(), pos_t.stride(0), pos_t.stride(1),
+        *images.stride(), *idx_strides(keep_idx), *weight2d.stride(), pos_t.stride(0), pos_t.stride(1),
         *out.stride(),
         PATCH=patch, KDIM=kdim, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
         PRECISION="ieee" if images.dtype == torch.float32 else "tf32",  # fp32 stays exact, as in the reference
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
@@ -164,12 +181,12 @@ def gather_patches(
     if out is None:
         out = torch.empty(m, kdim, dtype=images.dtype, device=images.device)
     assert out.shape == (m, kdim) and out.dtype == images.dtype, "gather_patches: bad out buffer"
-    block_m, block_k = 32, min(256, next_power_of_2(kdim))
+    block_m, block_k, num_warps = _im2col_settings(m, kdim)
     grid = (triton.cdiv(m, block_m), triton.cdiv(kdim, block_k))
     _patch_embed_bwd_kernel[grid](
         images, keep_idx, out, m, k, (h // patch) * (w // patch), w // patch,
-        *images.stride(), *_idx_strides(keep_idx), *out.stride(),
-        PATCH=patch, KDIM=kdim, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+        *images.stride(), *idx_strides(keep_idx), *out.stride(),
+        PATCH=patch, KDIM=kdim, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -334,13 +351,28 @@ def _self_checked(images, weight, bias, pos, keep_idx, cls_token, strict: bool) 
     reference on the first two images (selfcheck.py)."""
     optional = (bias, pos, cls_token)
     grads = tuple(t is not None and t.requires_grad for t in (images, weight) + optional)
-    key = (images.dtype, None if pos is None else pos.dtype, images.shape[1], weight.shape[-1],
-           selfcheck.size_class(weight.shape[0]), tuple(t is None for t in optional), keep_idx.dim(), grads)
+    key = (
+        images.dtype,
+        None if pos is None else pos.dtype,
+        images.shape[1],
+        weight.shape[-1],
+        selfcheck.size_class(weight.shape[0]),
+        tuple(t is None for t in optional),
+        keep_idx.dim(),
+        grads,
+    )
 
     def sample() -> dict:
         m = selfcheck.marked
         idx = keep_idx[:2] if keep_idx.dim() == 2 else keep_idx
-        return dict(images=m(images[:2], images), weight=m(weight, weight), bias=m(bias, bias), pos_embed=m(pos, pos),
-                    keep_idx=idx, cls_token=m(cls_token, cls_token), validate=False)
+        return dict(
+            images=m(images[:2], images),
+            weight=m(weight, weight),
+            bias=m(bias, bias),
+            pos_embed=m(pos, pos),
+            keep_idx=idx,
+            cls_token=m(cls_token, cls_token),
+            validate=False,
+        )
 
     return selfcheck.use_triton("embed_kept_patches", key, sample, images, strict=strict)

@@ -16,9 +16,9 @@ On a failure (a mismatch, a non-finite value where the reference is finite, or a
 compile error): with backend="auto" one KernelSelfCheckWarning names the op, the shapes, the device, the
 Triton and torch versions and the error, and that shape class takes the torch path for the rest of the
 process; with backend="triton" the call raises KernelSelfCheckError. MSN_FAST_SELFCHECK=0 turns the check
-off. It is skipped while torch.compile traces (fake tensors cannot be compared). The prototype loss
-couples processes (ME-MAX, Sinkhorn), so its decision is agreed across the process group: every rank
-takes the same path.
+off. It is skipped while torch.compile traces (fake tensors cannot be compared). An op called with a
+process group to agree over (the prototype cross-entropy, which msn_fast.loss calls with the group its ME-MAX
+and Sinkhorn sums cross) agrees its decision across that group: every rank takes the same path.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _patch_n(kw) -> int:
     return w[0].numel() + rows
 
 
-def _loss_n(kw) -> int:
+def _ce_n(kw) -> int:
     return kw["anchor"].shape[0] * kw["prototypes"].shape[0]
 
 
@@ -102,7 +102,7 @@ def _gather_n(kw) -> int:
 
 
 _MODULE = {"attention": "attention", "embed_kept_patches": "patch_embed", "gather_tokens": "token_gather",
-           "msn_prototype_loss": "prototype_loss"}  # fmt: skip
+           "prototype_cross_entropy": "prototype_ce"}  # fmt: skip
 
 
 def _function(op: str) -> Callable:
@@ -111,14 +111,14 @@ def _function(op: str) -> Callable:
 
 
 _REDUCTION = {"attention": _attention_n, "embed_kept_patches": _patch_n, "gather_tokens": _gather_n,
-              "msn_prototype_loss": _loss_n}  # fmt: skip
+              "prototype_cross_entropy": _ce_n}  # fmt: skip
 OPS = tuple(_REDUCTION)
 
 
 def _outputs(op: str, out) -> dict[str, torch.Tensor]:
-    if op == "msn_prototype_loss":  # (loss, LossStats); the target count is an integer statistic
-        loss, stats = out
-        return {"loss": loss, **{f: getattr(stats, f) for f in ("ce", "me_max", "max_target_prob")}}
+    if op == "prototype_cross_entropy":
+        ce, mean_probs = out
+        return {"ce": ce, "mean_probs": mean_probs}
     return {"out": out}
 
 
@@ -134,9 +134,10 @@ def _is_float(v) -> bool:
 _active = False  # inside check_op: the ops it calls must not check themselves again
 
 
-def _cotangent(out: torch.Tensor) -> torch.Tensor:
-    """The same pseudo-random upstream gradient for every run of a check (the global RNG is not touched)."""
-    gen = torch.Generator(device=out.device).manual_seed(20220414)
+def _cotangent(out: torch.Tensor, index: int = 0) -> torch.Tensor:
+    """The same pseudo-random upstream gradient of output `index` for every run of a check (the global RNG is
+    not touched)."""
+    gen = torch.Generator(device=out.device).manual_seed(20220414 + index)
     return torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32).to(out.dtype)
 
 
@@ -152,9 +153,9 @@ def _run(op: str, kw: dict, backend: str, dtype: torch.dtype | None = None) -> d
             v.requires_grad_(k in grads_of)
         args[k] = v
     outs = _outputs(op, _function(op)(**args, backend=backend))
-    first = next(iter(outs.values()))
-    if grads_of:
-        torch.autograd.backward(first, _cotangent(first))
+    if grads_of:  # every differentiable output at once (the cross-entropy's mean prediction has a backward too)
+        diff = [o for o in outs.values() if o.requires_grad]
+        torch.autograd.backward(diff, [_cotangent(o, i) for i, o in enumerate(diff)])
     grads = {f"d{k}": args[k].grad for k in grads_of}
     return {**outs, **grads}
 
@@ -164,16 +165,12 @@ def check_op(op: str, **kwargs) -> CheckResult:
 
     kwargs are the public function's arguments without `backend` (tensors that require grad get their
     gradients compared, against a fixed pseudo-random cotangent). Never raises for a kernel failure: the
-    result says what failed. The prototype loss is checked locally (no collectives), whatever the group.
+    result says what failed.
     """
     global _active
     if op not in _REDUCTION:
         raise ValueError(f"check_op: unknown op {op!r}; choose one of {', '.join(OPS)}")
     kw = dict(kwargs)
-    if op == "msn_prototype_loss":
-        from .prototype_loss import LOCAL
-
-        kw["process_group"] = LOCAL
     lead = next(v for v in kw.values() if _is_float(v))
     res = CheckResult(op, _describe(kwargs), str(lead.dtype).replace("torch.", ""), ok=False)
     t0, outer = time.perf_counter(), _active

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import selfcheck
-from ._utils import check_dtype, check_same_device, next_power_of_2, resolve_backend, tl, triton
+from ._utils import calculate_settings, check_dtype, check_same_device, idx_strides, resolve_backend, tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -72,16 +72,9 @@ def _token_gather_bwd_kernel(
     tl.store(DX + b[:, None] * stride_xb + p[:, None] * stride_xn + cols[None, :] * stride_xd, dy, mask=mask)
 
 
-def _row_tiles(m: int, d: int) -> tuple[int, int, int]:
-    """BLOCK_M, BLOCK_D, num_warps for a row gather: about 4096 elements per program."""
-    block_d = min(1024, next_power_of_2(d))
-    block_m = max(1, min(next_power_of_2(m), 4096 // block_d))
-    return block_m, block_d, 4 if block_m * block_d <= 4096 else 8
-
-
-def _idx_strides(keep_idx: torch.Tensor) -> tuple[int, int]:
-    """(stride over samples, stride over kept tokens); a shared [K] index has sample stride 0."""
-    return (0, keep_idx.stride(0)) if keep_idx.dim() == 1 else (keep_idx.stride(0), keep_idx.stride(1))
+def _tiles(d: int, m: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps) of both gathers: about 4096 elements a program on 4 warps."""
+    return calculate_settings(d, m, per_thread=32)
 
 
 def token_gather_fwd(
@@ -97,13 +90,13 @@ def token_gather_fwd(
         out = torch.empty(bsz, k, d, dtype=tokens.dtype, device=tokens.device)
     assert out.shape == (bsz, k, d) and out.dtype == tokens.dtype, "token_gather_fwd: bad out buffer"
     m = bsz * k
-    block_m, block_d, num_warps = _row_tiles(m, d)
+    block_m, block_d, num_warps = _tiles(d, m)
     grid = (triton.cdiv(m, block_m), triton.cdiv(d, block_d))
     pos_t = tokens if pos is None else pos  # dummy pointer when there is no position embedding
     _token_gather_fwd_kernel[grid](
         tokens, keep_idx, pos_t, out,
         m, k, n, d,
-        *tokens.stride(), *_idx_strides(keep_idx), pos_t.stride(-2), pos_t.stride(-1), *out.stride(),
+        *tokens.stride(), *idx_strides(keep_idx), pos_t.stride(-2), pos_t.stride(-1), *out.stride(),
         HAS_POS=pos is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
     return out
@@ -114,10 +107,10 @@ def token_gather_bwd(dy: torch.Tensor, keep_idx: torch.Tensor, n: int) -> torch.
     bsz, k, d = dy.shape
     dx = torch.zeros(bsz, n, d, dtype=dy.dtype, device=dy.device)
     m = bsz * k
-    block_m, block_d, num_warps = _row_tiles(m, d)
+    block_m, block_d, num_warps = _tiles(d, m)
     grid = (triton.cdiv(m, block_m), triton.cdiv(d, block_d))
     _token_gather_bwd_kernel[grid](
-        dy, keep_idx, dx, m, k, n, d, *dy.stride(), *_idx_strides(keep_idx), *dx.stride(),
+        dy, keep_idx, dx, m, k, n, d, *dy.stride(), *idx_strides(keep_idx), *dx.stride(),
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
     return dx
@@ -265,7 +258,11 @@ def _self_checked(tokens: torch.Tensor, keep_idx: torch.Tensor, pos: torch.Tenso
 
     def sample() -> dict:
         idx = keep_idx[:2] if keep_idx.dim() == 2 else keep_idx
-        return dict(tokens=selfcheck.marked(tokens[:2], tokens), keep_idx=idx, pos_embed=selfcheck.marked(pos, pos),
-                    validate=False)
+        return dict(
+            tokens=selfcheck.marked(tokens[:2], tokens),
+            keep_idx=idx,
+            pos_embed=selfcheck.marked(pos, pos),
+            validate=False,
+        )
 
     return selfcheck.use_triton("gather_tokens", key, sample, tokens, strict=strict)

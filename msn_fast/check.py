@@ -30,9 +30,9 @@ import torch
 
 from . import __version__
 from .config import Config
+from .flops import gpu_peaks
 from .recipes import RECIPES, get_recipe
 from .roofline import bound_applies, op_cost, time_bound
-from .runtime import gpu_peaks
 from .workloads import cpu_step_config, fwd_bwd, kernel_cases, median_time, step_section, tiny
 
 CPU_NOTE = "CPU: Triton interpreter at tiny shapes; timings are of the torch paths"

@@ -2,8 +2,8 @@
 
 Layout: <out_dir>/checkpoints/step_0000123/ holds the model (student, target, prototypes, BN buffers) and
 the optimizer as torch.distributed.checkpoint (DCP) shards, so a checkpoint written by N processes
-(FSDP shards) loads on M; `rng_<rank>.pt` and `meta.pt` (step, data position, config, process count)
-sit beside them. `checkpoints/latest` names the step to resume from.
+(FSDP shards) loads on M; `rng_<rank>.pt` and `meta.pt` (step, which fixes the data position, config, process
+count) sit beside them. `checkpoints/latest` names the step to resume from.
 
 Commit protocol (a SIGKILL at any point leaves the previous checkpoint loadable; tests/test_faults.py):
   1. every process writes into `checkpoints/.partial_step_0000123/` (removed first if a killed save left it);
@@ -309,8 +309,8 @@ def resolve(path: str | os.PathLike) -> Path:
 # --- saving ---------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(out_dir: str | os.PathLike, *, model, optimizer, step: int, epoch: int, batch_in_epoch: int,
-                    config: dict, extra: dict | None = None, keep: int = 2) -> Path:
+def save_checkpoint(out_dir: str | os.PathLike, *, model, optimizer, step: int, config: dict,
+                    extra: dict | None = None, keep: int = 2) -> Path:
     """Collective on every process: commit step_<step>/ and point `latest` at it (the protocol above); keep the
     newest `keep` complete steps. A step already committed is left as it is. Returns the step directory."""
     if keep < 1:
@@ -337,8 +337,10 @@ def save_checkpoint(out_dir: str | os.PathLike, *, model, optimizer, step: int, 
     torch.save(rng, partial / f"rng_{rank}.pt")
     _barrier()
     if rank == 0:
-        torch.save({"format": FORMAT, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                    "world": _world(), "config": config, "extra": extra or {}}, partial / "meta.pt")
+        # No epoch or position in the epoch: a resume derives both from the step and its own steps per epoch
+        # (checkpoints of earlier versions hold them too; nothing reads them).
+        torch.save({"format": FORMAT, "step": step, "world": _world(), "config": config, "extra": extra or {}},
+                   partial / "meta.pt")
         for f in partial.iterdir():
             _fsync(f)
         _fsync(partial)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
+import sys
 import types
 import typing
 
-from . import config as config_module
-from .config import Config
+from .config import Config, section_fields
 
 
 class UsageError(ValueError):
@@ -29,7 +30,7 @@ def _fields(cfg: Config) -> dict[str, tuple[object, str, type]]:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             hints = typing.get_type_hints(type(value))
-            for g in dataclasses.fields(value):
+            for g in section_fields(value):
                 out[f"{f.name}.{g.name}"] = (value, g.name, hints[g.name])
         else:
             out[f.name] = (cfg, f.name, typing.get_type_hints(type(cfg))[f.name])
@@ -93,9 +94,10 @@ def apply_overrides(cfg: Config, argv: list[str]) -> Config:
         raise UsageError(str(e)) from None
 
 
-def _docstrings() -> dict[str, str]:
-    """'Class.field' -> the string literal written under the field in config.py."""
-    tree = ast.parse(inspect.getsource(config_module))
+@functools.cache
+def _module_docstrings(module_name: str) -> dict[str, str]:
+    """'Class.field' -> the string literal written under the field, for the classes of a module's source."""
+    tree = ast.parse(inspect.getsource(sys.modules[module_name]))
     docs = {}
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         body = cls.body
@@ -105,8 +107,18 @@ def _docstrings() -> dict[str, str]:
     return docs
 
 
+def _field_doc(cls: type, name: str) -> str | None:
+    """The docstring of field `name` of `cls`, found where it is declared: in config.py, or for DataConfig's view
+    fields in dataloading/views.py (ViewRecipe, its base)."""
+    for klass in cls.__mro__:
+        if klass is not object and klass.__module__ in sys.modules:
+            doc = _module_docstrings(klass.__module__).get(f"{klass.__name__}.{name}")
+            if doc:
+                return doc
+    return None
+
+
 def help_text(cfg: Config, prog: str, summary: str) -> str:
-    docs = _docstrings()
     lines = [f"usage: {prog} [--model NAME] [--section.field VALUE ...]", "", summary, "",
              "options (defaults are those of the chosen --model recipe):"]
     for key, (obj, name, tp) in _fields(cfg).items():
@@ -114,7 +126,7 @@ def help_text(cfg: Config, prog: str, summary: str) -> str:
         shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
         tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
         lines.append(f"  --{key} {tname.upper() if isinstance(tp, type) else tname}  (default: {shown})")
-        doc = docs.get(f"{type(obj).__name__}.{name}")
+        doc = _field_doc(type(obj), name)
         if doc:
             lines.append(f"      {doc}")
     return "\n".join(lines)

@@ -2,8 +2,9 @@
 
 `python -m msn_fast.train --model vit_l7 --optim.lr 5e-4 --data.path DIR` starts from the named
 recipe (msn_fast/recipes.py) and overrides fields with typed, dotted flags (parsed by msn_fast/cli.py,
-which reads the attribute docstrings below for `--help`). The resolved config is written to
-`<run.out_dir>/config.json`.
+which reads the attribute docstrings below for `--help`). Every check names the flag, so a bad value is one
+`error:` line. The view fields are dataloading's ViewRecipe, which DataConfig inherits. The resolved config
+is written to `<run.out_dir>/config.json`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,30 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
+
+from msn_fast.dataloading.views import ViewRecipe
+
+
+def _require(ok: bool, flag: str, rule: str, value) -> None:
+    """A field check: `--<flag> must be <rule>; got <value>` (the trainer prints it as one `error:` line)."""
+    if not ok:
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else repr(value) if isinstance(value, str) \
+            else value
+        raise ValueError(f"--{flag} must be {rule}; got {shown}")
+
+
+def _positive(section, flag_section: str, *names: str) -> None:
+    """Each named int field of `section` is >= 1."""
+    for name in names:
+        _require(getattr(section, name) >= 1, f"{flag_section}.{name}", ">= 1", getattr(section, name))
+
+
+def _finite_at_least(section, flag_section: str, low: float, *names: str) -> None:
+    """Each named float field of `section` is a finite number >= low."""
+    for name in names:
+        v = getattr(section, name)
+        _require(math.isfinite(v) and v >= low, f"{flag_section}.{name}", f"a finite number >= {low:g}", v)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -34,14 +59,16 @@ class ViTConfig:
     """kept-patch embedding backend of the masked view: auto | triton | torch"""
 
     def __post_init__(self):
-        if self.dim % self.heads:
-            raise ValueError(f"vit.dim={self.dim} must be divisible by vit.heads={self.heads}")
-        if self.img_size < self.patch_size:
-            raise ValueError(f"vit.img_size={self.img_size} is smaller than vit.patch_size={self.patch_size}")
-        if self.attn_impl not in ("auto", "triton", "torch", "eager", "xformers"):
-            raise ValueError(f"vit.attn_impl={self.attn_impl!r}: choose auto, triton, torch, eager or xformers")
-        if self.embed_impl not in ("auto", "triton", "torch"):
-            raise ValueError(f"vit.embed_impl={self.embed_impl!r}: choose auto, triton or torch")
+        _positive(self, "vit", "dim", "depth", "heads", "patch_size")
+        _require(self.dim % self.heads == 0, "vit.dim", f"divisible by --vit.heads={self.heads}", self.dim)
+        _require(self.img_size >= self.patch_size, "vit.img_size", f"at least --vit.patch_size={self.patch_size}",
+                 self.img_size)
+        _require(math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0, "vit.mlp_ratio", "a finite number > 0",
+                 self.mlp_ratio)
+        _require(self.attn_impl in ("auto", "triton", "torch", "eager", "xformers"), "vit.attn_impl",
+                 "auto, triton, torch, eager or xformers", self.attn_impl)
+        _require(self.embed_impl in ("auto", "triton", "torch"), "vit.embed_impl", "auto, triton or torch",
+                 self.embed_impl)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -55,6 +82,9 @@ class HeadConfig:
     num_prototypes: int = 1024
     """number of learned prototypes K"""
 
+    def __post_init__(self):
+        _positive(self, "head", "hidden_dim", "out_dim", "num_prototypes")
+
 
 @dataclass(kw_only=True, slots=True)
 class MaskConfig:
@@ -64,14 +94,18 @@ class MaskConfig:
     """shared (official: one permutation per batch) | per_sample"""
 
     def __post_init__(self):
-        if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"mask.ratio={self.ratio} must be in [0, 1)")
-        if self.mode not in ("shared", "per_sample"):
-            raise ValueError(f"mask.mode={self.mode!r}: choose shared or per_sample")
+        _require(0.0 <= self.ratio < 1.0, "mask.ratio", "in [0, 1) (at least one patch is kept)", self.ratio)
+        _require(self.mode in ("shared", "per_sample"), "mask.mode", "shared or per_sample", self.mode)
 
 
 @dataclass(kw_only=True, slots=True)
-class DataConfig:
+class DataConfig(ViewRecipe):
+    """The data, and the views' fields inherited from ViewRecipe (dataloading/views.py): global_size, focal_size,
+    num_focal, global_scale, focal_scale, color_jitter, blur_prob. cfg.data is what the loaders take as the
+    recipe, so the view parameters are defined once."""
+
+    flag_prefix: ClassVar[str] = "--data."  # ViewRecipe's checks name the flags
+
     path: str | None = None
     """image folder (DIR/<class>/*.jpg or DIR/*.jpg; train/ + val/ or test/ splits), WebDataset shards
     ('shards/train-{000000..000127}.tar'), or None for the embedded digits dataset"""
@@ -85,32 +119,14 @@ class DataConfig:
     """images per step (per process)"""
     num_workers: int = 2
     """loader worker processes"""
-    global_size: int = 224
-    """side of the target and anchor views"""
-    focal_size: int = 96
-    """side of the focal views"""
-    num_focal: int = 10
-    """focal views per image (official: 10)"""
-    global_scale: tuple[float, float] = (0.3, 1.0)
-    """random-resized-crop area range of the global views"""
-    focal_scale: tuple[float, float] = (0.05, 0.3)
-    """random-resized-crop area range of the focal views"""
-    color_jitter: float = 0.5
-    """colour-jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s), applied with p=0.8"""
-    blur_prob: float = 0.5
-    """probability of Gaussian blur"""
 
     def __post_init__(self):
-        if self.backend not in ("torch", "dali"):
-            raise ValueError(f"data.backend={self.backend!r}: choose torch or dali")
-        if self.augment not in ("per_image", "batched"):
-            raise ValueError(f"data.augment={self.augment!r}: choose per_image or batched")
-        if self.eval_split not in ("auto", "val", "test"):
-            raise ValueError(f"data.eval_split={self.eval_split!r}: choose auto, val or test")
-        if self.batch_size < 2:
-            raise ValueError(f"data.batch_size={self.batch_size} must be at least 2 (BatchNorm in the head)")
-        if self.num_focal < 0:
-            raise ValueError(f"data.num_focal={self.num_focal} must be >= 0")
+        ViewRecipe.__post_init__(self)  # explicit: zero-argument super() fails in a slots dataclass
+        _require(self.backend in ("torch", "dali"), "data.backend", "torch or dali", self.backend)
+        _require(self.augment in ("per_image", "batched"), "data.augment", "per_image or batched", self.augment)
+        _require(self.eval_split in ("auto", "val", "test"), "data.eval_split", "auto, val or test", self.eval_split)
+        _require(self.batch_size >= 2, "data.batch_size", ">= 2 (BatchNorm in the head)", self.batch_size)
+        _require(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -132,14 +148,10 @@ class LossConfig:
     def __post_init__(self):
         for name in ("tau", "sharpen"):
             v = getattr(self, name)
-            if not math.isfinite(v) or v <= 0:
-                raise ValueError(f"loss.{name}={v} must be a finite number > 0 (it divides the logits)")
-        if not math.isfinite(self.me_max_weight) or self.me_max_weight < 0:
-            raise ValueError(f"loss.me_max_weight={self.me_max_weight} must be a finite number >= 0")
-        if self.sinkhorn_iters < 0:
-            raise ValueError(f"loss.sinkhorn_iters={self.sinkhorn_iters} must be >= 0")
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"loss.backend={self.backend!r}: choose auto, triton or torch")
+            _require(math.isfinite(v) and v > 0, f"loss.{name}", "a finite number > 0 (it divides the logits)", v)
+        _finite_at_least(self, "loss", 0, "me_max_weight")
+        _require(self.sinkhorn_iters >= 0, "loss.sinkhorn_iters", ">= 0", self.sinkhorn_iters)
+        _require(self.backend in ("auto", "triton", "torch"), "loss.backend", "auto, triton or torch", self.backend)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -170,10 +182,14 @@ class OptimConfig:
     """AdamW betas"""
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise ValueError(f"optim.epochs={self.epochs} must be >= 1")
-        if self.horizon_scale < 1.0:
-            raise ValueError(f"optim.horizon_scale={self.horizon_scale} must be >= 1")
+        _positive(self, "optim", "epochs")
+        _finite_at_least(self, "optim", 0, "warmup_epochs", "start_lr", "lr", "final_lr", "weight_decay",
+                         "final_weight_decay", "clip_grad")
+        _finite_at_least(self, "optim", 1, "horizon_scale")
+        for name in ("ema_start", "ema_end"):
+            v = getattr(self, name)
+            _require(0 <= v <= 1, f"optim.{name}", "a momentum in [0, 1]", v)
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)", self.betas)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -190,12 +206,10 @@ class DistConfig:
     """auto (torch's fused AdamW) | apex (apex FusedAdam, CUDA, no FSDP)"""
 
     def __post_init__(self):
-        if self.param_dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"dist.param_dtype={self.param_dtype!r}: choose auto, bf16 or fp32")
-        if self.fsdp not in ("auto", "on", "off"):
-            raise ValueError(f"dist.fsdp={self.fsdp!r}: choose auto, on or off")
-        if self.optimizer not in ("auto", "apex"):
-            raise ValueError(f"dist.optimizer={self.optimizer!r}: choose auto or apex")
+        _require(self.param_dtype in ("auto", "bf16", "fp32"), "dist.param_dtype", "auto, bf16 or fp32",
+                 self.param_dtype)
+        _require(self.fsdp in ("auto", "on", "off"), "dist.fsdp", "auto, on or off", self.fsdp)
+        _require(self.optimizer in ("auto", "apex"), "dist.optimizer", "auto or apex", self.optimizer)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -227,20 +241,17 @@ class RunConfig:
     """complete checkpoints kept on disk (the newest ones; at least 1)"""
 
     def __post_init__(self):
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints} must be >= 1")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"run.checkpoint_every={self.checkpoint_every} must be >= 1")
-        if not (math.isfinite(self.time_budget) and self.time_budget >= 0):
-            raise ValueError(f"run.time_budget={self.time_budget} must be a number of minutes >= 0 (0 = none)")
-        if self.max_bad_steps < 1:
-            raise ValueError(f"run.max_bad_steps={self.max_bad_steps} must be >= 1")
+        _positive(self, "run", "log_every", "checkpoint_every", "eval_draws", "max_bad_steps", "keep_checkpoints")
+        _require(self.max_steps >= 0, "run.max_steps", ">= 0 (0 = run all epochs)", self.max_steps)
+        _require(math.isfinite(self.time_budget) and self.time_budget >= 0, "run.time_budget",
+                 "a number of minutes >= 0 (0 = none)", self.time_budget)
 
 
 @dataclass(kw_only=True, slots=True)
 class Config:
     model: str = "vit_tiny"
-    """model and recipe name: vit_tiny, vit_s16, vit_b16, vit_b8, vit_b4, vit_l16, vit_l7, vit_h14"""
+    """model and recipe name: cpu_demo (CPU demo, 32 px digits), vit_tiny (DeiT-Ti, as these defaults), vit_s16,
+    vit_b16, vit_b8, vit_b4, vit_l16, vit_l7, vit_h14"""
     vit: ViTConfig = field(default_factory=ViTConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -258,8 +269,17 @@ class Config:
             )
 
 
+def section_fields(section) -> list[dataclasses.Field]:
+    """A section's fields, its own before those it inherits (DataConfig's view fields, from ViewRecipe): the order
+    of `--help` and config.json."""
+    own = type(section).__dict__.get("__annotations__", {})
+    return sorted(dataclasses.fields(section), key=lambda f: f.name not in own)  # stable
+
+
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    d = dataclasses.asdict(cfg)
+    return {k: {f.name: v[f.name] for f in section_fields(getattr(cfg, k))} if isinstance(v, dict) else v
+            for k, v in d.items()}
 
 
 def to_json(cfg) -> str:

@@ -43,6 +43,17 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank, world, local_rank)
 
 
+def init_single_process_group(device: torch.device) -> None:
+    """FSDP2 needs a process group; a one-process run (e.g. bf16 on one GPU) gets a private one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -121,12 +132,5 @@ def all_reduce_grad_mean(param: nn.Parameter) -> None:
         param.grad /= world_size()
 
 
-def broadcast_parameter(param: nn.Parameter) -> None:
-    """Make a replicated parameter identical on every process (rank 0's value)."""
-    if world_size() > 1:
-        with torch.no_grad():
-            dist.broadcast(param.data, src=0)
-
-
-__all__ = ["DistInfo", "init_distributed", "world_size", "SyncBatchNorm1d", "convert_sync_batchnorm", "shard_encoder",
-           "all_reduce_grad_mean", "broadcast_parameter"]
+__all__ = ["DistInfo", "init_distributed", "init_single_process_group", "world_size", "SyncBatchNorm1d",
+           "convert_sync_batchnorm", "shard_encoder", "all_reduce_grad_mean"]

@@ -14,15 +14,15 @@ both val and test, val is scored (`--eval-split test` for the other). `--exclude
 BACKGROUND_Google) drops a class from both splits. A file in both splits is an error. `--subset-file`
 (the official imagenet_subsets files, one train file name per line) replaces the random labelled draws.
 
-Features: `--checkpoint` (an msn-fast run/step directory, an official MSN .pth.tar, or a timm-layout
-ViT state dict), `--random-init` (same architecture as --checkpoint, or the --model recipe's, random
-weights) or `--raw-pixels` (the normalised centre crop, flattened).
+Features (msn_fast/features.py): `--checkpoint` (an msn-fast run/step directory, an official MSN .pth.tar, or
+a timm-layout ViT state dict), `--random-init` (same architecture as --checkpoint, or the --model recipe's,
+random weights) or `--raw-pixels` (the normalised centre crop, flattened). This module is the command line;
+the protocol is msn_fast/evaluation.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -34,14 +34,13 @@ import numpy as np
 import torch
 
 from msn_fast.dataloading import DataError, ImageFolder, eval_transform
-from msn_fast.dataloading.sources import Splits, find_splits, read_list, subset_indices
+from msn_fast.dataloading.sources import Splits, data_summary, find_splits, read_list, subset_indices
 
 from .checkpoint import CheckpointError
 from .cli import UsageError
 from .config import Config
 from .evaluation import (
     REG_GRID,
-    extract_features,
     format_results,
     fraction_eval,
     knn_eval,
@@ -50,8 +49,9 @@ from .evaluation import (
     plot_results,
     subset_eval,
 )
+from .features import cache_spec, feature_fn, features_via_pixels, trio_trunk
 from .interop import InteropError
-from .progress import Progress, set_enabled
+from .progress import set_enabled
 
 log = logging.getLogger("msn_fast.eval")
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--random-init", action="store_true", help="random weights: the checkpoint's architecture, "
                      "or --model's")
     src.add_argument("--raw-pixels", action="store_true", help="flattened normalised pixels of the centre crop")
-    src.add_argument("--model", default="vit_tiny", help="recipe for --random-init / --raw-pixels without "
+    src.add_argument("--model", default="cpu_demo", help="recipe for --random-init / --raw-pixels without "
                      "--checkpoint (image size and architecture)")
     src.add_argument("--heads", type=int, help="attention heads of a checkpoint whose width is not an official model's")
     p.add_argument("--data", required=True, help="DIR with train/ and val/ or test/ class folders, or train.txt and "
@@ -116,23 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- data -----------------------------------------------------------------------------------------------
 
-def load_splits(data: str | os.PathLike, exclude: list[str] | None = None,
-                eval_split: str = "auto") -> tuple[ImageFolder, ImageFolder, str]:
-    """(train source, held-out source, description) of DIR in either layout; raises DataError on leaks.
-
-    The description counts the image files listed; `evaluate` reports those actually read (see data_summary)."""
-    s = find_splits(data, exclude, eval_split)
-    return s.train, s.held_out, data_summary(s.layout, len(s.train), len(s.held_out), len(set(s.train.labels())),
-                                             held_out=s.held_out_name)
-
-
-def data_summary(layout: str, n_train: int, n_test: int, n_classes: int, unreadable: int = 0,
-                 held_out: str = "test") -> str:
-    skipped = f" ({unreadable} unreadable skipped)" if unreadable else ""
-    return (f"{layout}: {n_train} train / {n_test} {held_out} images{skipped}, {n_classes} classes; "
-            f"evaluated on {held_out}")
-
-
 def labelled_subsets(files: list[str], train: ImageFolder) -> dict[str, np.ndarray]:
     """Subset file -> indices into `train.samples` of the images it lists (DataError for a name not found)."""
     out = {}
@@ -152,31 +135,13 @@ def _rows(samples: np.ndarray, kept: np.ndarray, src: ImageFolder, what: str) ->
     return pos
 
 
-# --- features -------------------------------------------------------------------------------------------
-
-def _digest_tensors(state: dict) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for k in sorted(state):
-        t = state[k].detach().cpu().contiguous()
-        h.update(k.encode())
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _digest_source(src: ImageFolder) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for path, label in src.samples:
-        st = os.stat(path)
-        h.update(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
-    return h.hexdigest()
-
+# --- the encoder ----------------------------------------------------------------------------------------
 
 def load_encoder(args, device) -> tuple[Config, torch.nn.Module | None, str]:
-    """(config, trunk or None for raw pixels, human-readable feature name)."""
+    """(config, trunk or None for raw pixels, human-readable feature name): the feature set of the flags, one of
+    msn_fast/features.py's trio (the checkpoint's target encoder, random-init weights, raw pixels)."""
     from .checkpoint import load_model
     from .interop import from_timm_state_dict, load_official, trunk_from_state_dict
-    from .model import MSN
     from .recipes import get_recipe
 
     trunk, name, cfg = None, None, None
@@ -211,87 +176,14 @@ def load_encoder(args, device) -> tuple[Config, torch.nn.Module | None, str]:
             cfg = get_recipe(args.model)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    if args.random_init:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            trunk = MSN(cfg).target.trunk
-        name = f"random-init {cfg.model} (seed {args.seed})"
-    if args.raw_pixels:
-        trunk, name = None, "raw pixels"
+    kind = "random_init" if args.random_init else "raw_pixels" if args.raw_pixels else "target"
+    trunk = trio_trunk(kind, trunk, cfg, args.seed, device)
+    name = {"target": name, "random_init": f"random-init {cfg.model} (seed {args.seed})",
+            "raw_pixels": "raw pixels"}[kind]
     cfg.vit.attn_impl = "auto"
     if trunk is not None:
         trunk.set_attn_impl("auto")
-        trunk = trunk.to(device).eval()
     return cfg, trunk, name
-
-
-def cached_features(fn, src: ImageFolder, transform, key_parts: dict, cache: Path | None, device,
-                    batch_size: int, desc: str = "features") -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """(features, labels, index into src of each row, from_cache). The key covers the weights, every image
-    (path, size, mtime) and the transform; a changed file, checkpoint or crop size extracts anew."""
-    file = cache / f"{_cache_key(key_parts, src, transform)}.npz" if cache is not None else None
-    hit = _load(file, len(src))
-    if hit is not None:
-        return (*hit, True)
-    x, y, kept = extract_features(fn, src, transform, batch_size=batch_size, device=device, desc=desc,
-                                  with_index=True)
-    if file is not None:
-        _save(file, x, y, kept)
-    return x, y, kept, False
-
-
-PIXEL_CACHE_BYTES = 2 * 2**30
-"""Decoded crops of a split are cached (as the raw-pixel features) when they take at most this much."""
-
-
-def features_via_pixels(fn, spec: dict, src, tf, size: int, split: str, cache: Path | None, device,
-                        batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """Features of one split, as `cached_features`. Small datasets are decoded once into a cached pixel array
-    (the raw-pixel features), which every encoder then reads instead of decoding the images again."""
-    raw = {"kind": "raw-pixels", "split": split}
-    if spec["kind"] == "raw-pixels" or len(src) * 3 * size * size * 4 > PIXEL_CACHE_BYTES or cache is None:
-        desc = f"{split} images" if spec["kind"] == "raw-pixels" else f"{split} features"
-        return cached_features(fn, src, tf, {**spec, "split": split}, cache, device, batch_size, desc)
-    key = _cache_key({**spec, "split": split}, src, tf)
-    file = cache / f"{key}.npz"
-    hit = _load(file, len(src))
-    if hit is not None:
-        return (*hit, True)
-    pix, y, kept, _ = cached_features(lambda x: x.flatten(1), src, tf, raw, cache, device, batch_size,
-                                      f"{split} images into the pixel cache")
-    out = []
-    with torch.no_grad(), Progress(len(pix), f"{split} features from the pixel cache", log, unit="img") as bar:
-        for s in range(0, len(pix), batch_size):
-            batch = torch.from_numpy(pix[s:s + batch_size]).view(-1, 3, size, size).to(device)
-            out.append(fn(batch).float().cpu())
-            bar.update(len(batch))
-    x = torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-    _save(file, x, y, kept)
-    return x, y, kept, False
-
-
-def _cache_key(key_parts: dict, src, transform) -> str:
-    return hashlib.blake2b(json.dumps({**key_parts, "data": _digest_source(src), "transform": repr(transform)},
-                                      sort_keys=True).encode(), digest_size=16).hexdigest()
-
-
-def _load(file: Path | None, n_src: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(x, y, kept) of a cache file, or None. A file from before `kept` was stored counts only when every image
-    was read (then kept is every index)."""
-    if file is None or not file.is_file():
-        return None
-    with np.load(file) as z:
-        x, y = z["x"], z["y"]
-        if "kept" in z:
-            return x, y, z["kept"]
-    return (x, y, np.arange(n_src)) if len(y) == n_src else None
-
-
-def _save(file: Path, x: np.ndarray, y: np.ndarray, kept: np.ndarray) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, x=x, y=y, kept=kept)
-    os.replace(tmp, file)
 
 
 # --- main -----------------------------------------------------------------------------------------------
@@ -348,10 +240,7 @@ def evaluate(args, splits: Splits | None = None) -> dict:
     if trunk is not None and size < trunk.patch_size:
         raise UsageError(f"--img-size {size} is smaller than the patch size {trunk.patch_size}")
     tf = eval_transform(size)
-    if trunk is None:
-        fn, spec = (lambda x: x.flatten(1)), {"kind": "raw-pixels"}
-    else:
-        fn, spec = trunk.extract_features, {"kind": "cls-prenorm", "weights": _digest_tensors(trunk.state_dict())}
+    fn, spec = feature_fn(trunk), cache_spec(trunk)
     cache = None if args.no_cache else Path(args.cache)
     feats, cached, unreadable = {}, {}, {}
     for split, src in (("train", train), (held_out, test)):

@@ -1,5 +1,6 @@
 """Label-efficiency evaluation on frozen features: low-shot and label-fraction logistic regression,
-linear probe, k-NN. Pure numpy/scikit-learn/torch on feature arrays; `msn_fast.eval` is the CLI.
+linear probe, k-NN, on feature arrays (numpy/scikit-learn/torch); the features come from msn_fast/features.py,
+`msn_fast.eval` is the CLI and `lowshot_report` the trainer's end-of-run report.
 
 As the official logistic_eval.py: features are the target encoder's CLS token of the last block,
 before the final LayerNorm, of one centre crop; each feature row is centred and L2-normalised;
@@ -30,6 +31,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from msn_fast.dataloading import eval_transform
+
+from .config import Config
+from .features import FEATURE_SETS, extract_feature_sets, feature_fn, plain_copy, trio_trunk
+from .model import MSN
 from .progress import Progress, track
 
 log = logging.getLogger(__name__)
@@ -39,75 +45,6 @@ REG_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 ONE_SHOT_REG = 1e-3
 """λ at one image per class, where nothing can be cross-validated (a fixed, documented default)."""
 MAX_FOLDS = 3
-
-
-def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], source: Sequence, transform,
-                     batch_size: int = 256, device="cpu", desc: str = "features", with_index: bool = False):
-    """Apply `fn` (images [B,3,S,S] -> features [B,D]) to every readable image of `source`.
-
-    Returns (features [N, D] float32, labels [N]); unreadable images are left out. `with_index` adds
-    the indices into `source` of the N images read. `desc` names the loop in the progress output.
-    """
-    feats, y, kept = extract_feature_sets({"features": fn}, source, transform, batch_size, device, desc)
-    return (feats["features"], y, kept) if with_index else (feats["features"], y)
-
-
-class _Decoded(torch.utils.data.Dataset):
-    """source[i] -> (transform(image) or None, label, i), for DataLoader workers."""
-
-    def __init__(self, source: Sequence, transform):
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int):
-        img, label = self.source[i]
-        return (None if img is None else self.transform(img)), label, i
-
-
-def _stack(items):
-    """Collate of _Decoded items: (images [b,3,S,S] of the readable ones, their labels, their indices, items)."""
-    ok = [it for it in items if it[0] is not None]
-    x = torch.stack([it[0] for it in ok]) if ok else None
-    return x, [it[1] for it in ok], [it[2] for it in ok], len(items)
-
-
-def _decoded_batches(source: Sequence, transform, batch_size: int, num_workers: int):
-    """(images, labels, indices, items read) per batch; decoded in `num_workers` worker processes (0: here)."""
-    data = _Decoded(source, transform)
-    if num_workers > 0 and len(source) > batch_size:
-        yield from torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=num_workers,
-                                               collate_fn=_stack)
-        return
-    for s in range(0, len(source), batch_size):
-        yield _stack([data[i] for i in range(s, min(len(source), s + batch_size))])
-
-
-@torch.no_grad()
-def extract_feature_sets(fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], source: Sequence, transform,
-                         batch_size: int = 256, device="cpu", desc: str = "features", num_workers: int = 1):
-    """Every feature set of `fns` (name -> images [B,3,S,S] -> features [B,D]) in one pass over `source`: each
-    image is decoded and transformed once (in `num_workers` loader processes while the encoders run here), and
-    each batch goes through every function.
-
-    Returns ({name: features [N, D_name] float32}, labels [N], indices into `source` of the N images read);
-    unreadable images are left out.
-    """
-    feats = {name: [] for name in fns}
-    labels, kept = [], []
-    with Progress(len(source), desc, log, unit="img") as bar:
-        for x, y, idx, n in _decoded_batches(source, transform, batch_size, num_workers):
-            bar.update(n)
-            if x is None:
-                continue
-            x = x.to(device)
-            for name, fn in fns.items():
-                feats[name].append(fn(x).float().cpu())
-            labels += y
-            kept += idx
-    out = {name: torch.cat(f).numpy() if f else np.zeros((0, 0), np.float32) for name, f in feats.items()}
-    return out, np.asarray(labels, dtype=np.int64), np.asarray(kept, dtype=np.int64)
 
 
 def preprocess(x: np.ndarray) -> np.ndarray:
@@ -219,15 +156,6 @@ class EvalResult:
         return {**out, "labelled_sets": self.labelled_sets} if self.labelled_sets else out
 
 
-class ShotResult(EvalResult):
-    """k images per class; `ShotResult(k, accuracy, class_mean_accuracy)` as before, named "k-shot"."""
-
-    def __init__(self, shots: int, accuracy: list[float], class_mean_accuracy: list[float],
-                 reg: list | None = None, num_labelled: list | None = None):
-        super().__init__(f"{shots}-shot", accuracy, class_mean_accuracy, reg or [], num_labelled or [])
-        self.shots = shots
-
-
 def _score(clf, test_x, test_y) -> tuple[float, float]:
     pred = clf.predict(test_x)
     return float((pred == test_y).mean()), class_mean_accuracy(pred, test_y)
@@ -256,7 +184,7 @@ def _subset_eval(name, train_x, train_y, test_x, test_y, draw_fn, draws, seed, r
 def lowshot_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  shots: Sequence[int] = (1, 2, 5), draws: int = 5, seed: int = 0,
                  reg: float | str = 1e-4, grid: Sequence[float] = REG_GRID,
-                 fit: Callable = fit_logreg) -> list[ShotResult]:
+                 fit: Callable = fit_logreg) -> list[EvalResult]:
     """Logistic regression trained on `shots` images per class of (train_x, train_y), scored on the test set.
 
     reg: λ of the objective mean(loss) + λ/2·‖W‖² (cyanure's convention), i.e. sklearn C = 1/(n·λ);
@@ -265,10 +193,10 @@ def lowshot_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     train_x, test_x = preprocess(train_x), preprocess(test_x)
     out = []
     for k in shots:
-        _, accs, cmeans, regs, sizes = _subset_eval(
+        res = _subset_eval(
             f"{k}-shot", train_x, train_y, test_x, test_y,
             lambda d, k=k: draw_labelled(train_y, k, _draw_rng(seed, k, d)), draws, seed, reg, grid, fit)
-        out.append(ShotResult(k, accs, cmeans, regs, sizes))
+        out.append(EvalResult(*res))
     return out
 
 
@@ -370,7 +298,7 @@ def knn_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
                       [None], [len(train_y)])
 
 
-def format_table(rows: dict[str, list[ShotResult]]) -> str:
+def format_table(rows: dict[str, list[EvalResult]]) -> str:
     """Rows of 'name: k-shot mean ± std' as a fixed-width table."""
     shots = [r.name for r in next(iter(rows.values()))]
     head = f"{'features':<22}" + "".join(f"{k:>16}" for k in shots)
@@ -389,6 +317,32 @@ def format_results(results: Sequence[EvalResult]) -> str:
         lines.append(f"{r.name:<20}{len(r.accuracy):>6}{n:>10}{100 * r.mean:>9.1f} ± {100 * r.std:<4.1f}"
                      f"{100 * r.class_mean:>9.1f} ± {100 * r.class_std:<4.1f}  {lam}")
     return "\n".join(lines)
+
+
+REPORT_NAMES = {"target": "msn (target encoder)", "random_init": "random-init encoder", "raw_pixels": "raw pixels"}
+"""The end-of-run report's name of each feature set (keys of lowshot.json's "results")."""
+
+
+def lowshot_report(model: MSN, cfg: Config, train_source, test_source, device, shots=(1, 2, 5)) -> dict:
+    """The trainer's end-of-run report: low-shot accuracy (mean ± std over cfg.run.eval_draws draws, λ by "cv")
+    of the trio of msn_fast/features.py; logs a table and returns what lowshot.json holds."""
+    tf = eval_transform(cfg.data.global_size)
+    model = plain_copy(model, cfg, device)  # unsharded, unwrapped weights (the run may use FSDP/AC/compile)
+    model.eval()
+    extractors = {REPORT_NAMES[kind]: feature_fn(trio_trunk(kind, model.target.trunk, cfg, cfg.run.seed + 12345,
+                                                            device)) for kind in FEATURE_SETS}
+    rows, report = {}, {"shots": list(shots), "draws": cfg.run.eval_draws, "results": {}}
+    n = len(extractors)  # one pass per split: each image decoded once for all feature sets
+    xtr, ytr, _ = extract_feature_sets(extractors, train_source, tf, device=device, desc=f"train images ({n} sets)")
+    xte, yte, _ = extract_feature_sets(extractors, test_source, tf, device=device, desc=f"test images ({n} sets)")
+    for name in track(extractors, "low-shot report: feature sets", log, unit="set"):
+        res = lowshot_eval(xtr[name], ytr, xte[name], yte, shots=shots, draws=cfg.run.eval_draws, seed=cfg.run.seed,
+                           reg="cv")
+        rows[name] = res
+        report["results"][name] = {r.name: r.to_dict() for r in res}
+    log.info("low-shot top-1 accuracy (%%, mean ± std over %d draws; %d test images):\n%s", cfg.run.eval_draws,
+             len(test_source), format_table(rows))
+    return report
 
 
 def _plotted(name: str) -> bool:

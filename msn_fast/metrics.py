@@ -56,9 +56,10 @@ def format_duration(seconds: float) -> str:
 
 
 class StepLogger:
-    """One `key=value` line every `every` steps (and after the first step, whose time is reported truthfully),
-    the same record in JSONL (and TensorBoard when installed), and a live status line on an interactive
-    terminal. Throughput and MFU are measured between log lines; the GPU peak memory is reset after each."""
+    """One log line every `every` steps and after the first (whose time is reported truthfully), each value after
+    its name (`loss 6.1234 ce 6.9012 ...`); the same record in JSONL (and TensorBoard when installed), and a live
+    status line on an interactive terminal. Throughput and MFU are measured between log lines; the GPU peak memory
+    is reset after each."""
 
     def __init__(self, total: int, images_per_step: int, flops_per_image: float, peak_flops: float | None,
                  device, jsonl: JsonlWriter, every: int, tensorboard_dir: Path | None = None):

@@ -14,10 +14,9 @@ import copy
 import torch
 import torch.nn as nn
 
-from msn_fast.kernels import LossStats, msn_prototype_loss
-
 from .config import Config
 from .heads import Encoder, ProjectionHead, init_prototypes
+from .loss import LossStats, msn_loss
 from .masking import sample_keep_indices
 from .vit import VisionTransformer, ViTArch
 
@@ -51,9 +50,9 @@ class MSN(nn.Module):
         anchor = torch.cat(anchors)
         num_views = 1 + focals.shape[0]
         lc = cfg.loss
-        return msn_prototype_loss(anchor, target, self.prototypes, num_views=num_views, tau=lc.tau,
-                                  sharpen=lc.sharpen, me_max_weight=lc.me_max_weight,
-                                  sinkhorn_iters=lc.sinkhorn_iters, process_group=process_group, backend=lc.backend)
+        return msn_loss(anchor, target, self.prototypes, num_views=num_views, tau=lc.tau, sharpen=lc.sharpen,
+                        me_max_weight=lc.me_max_weight, sinkhorn_iters=lc.sinkhorn_iters,
+                        process_group=process_group, backend=lc.backend)
 
 
 def param_groups(model: MSN) -> list[dict]:

@@ -4,7 +4,7 @@
 detected GPU: max(flops / peak FLOP/s, bytes / peak bandwidth) (the roofline model, Williams et al. 2009),
 and the fraction of it a measured time reaches. FLOPs count the matmuls and the adds an op must do; bytes
 are those of an ideal fused op: every input read once per pass and every output written once, at its
-dtype (intermediates kept on chip). Peaks come from `msn_fast.runtime.GPU_PEAKS`.
+dtype (intermediates kept on chip). Peaks come from `msn_fast.flops.GPU_PEAKS`.
 """
 
 from __future__ import annotations
@@ -69,16 +69,16 @@ def embed_kept_patches_cost(b: int, c: int, p: int, k: int, d: int, n: int, elem
     return fwd + bwd
 
 
-def prototype_loss_cost(m: int, b: int, k: int, d: int, elem: int, target_elem: int | None = None) -> Cost:
-    """MSN loss of M = V·B anchor rows and B target rows of width d against K fp32 prototypes.
+def prototype_cross_entropy_cost(m: int, b: int, k: int, d: int, elem: int, target_elem: int = 4) -> Cost:
+    """Prototype cross-entropy of M = V·B anchor rows of width d against K fp32 prototypes and targets [B, K].
 
-    Forward: 2·M·K·d + 2·B·K·d (the two logit matmuls; the softmaxes, Sinkhorn and ME-MAX are O((M + B)·K)
-    and left out); reads anchor, target and prototypes. Backward: d anchor and d prototypes, 2·M·K·d each;
-    reads anchor and prototypes again, writes d anchor and d prototypes (fp32). No gradient to the target.
+    Forward: 2·M·K·d (the logit matmul; the softmax and the sums are O(M·K) and left out); reads anchor,
+    prototypes and targets, writes the CE and the mean prediction [K] (fp32). Backward: d anchor and
+    d prototypes, 2·M·K·d each; reads anchor, prototypes and targets again, writes d anchor and d prototypes
+    (fp32). No gradient to the targets. (The targets themselves, B·K·d more, are msn_fast.loss's torch work.)
     """
-    te = elem if target_elem is None else target_elem
-    fwd = Cost(2.0 * m * k * d + 2.0 * b * k * d, elem * m * d + te * b * d + 4 * k * d)
-    bwd = Cost(4.0 * m * k * d, 2 * elem * m * d + 2 * 4 * k * d)
+    fwd = Cost(2.0 * m * k * d, elem * m * d + 4 * k * d + target_elem * b * k + 4 * (1 + k))
+    bwd = Cost(4.0 * m * k * d, 2 * elem * m * d + 2 * 4 * k * d + target_elem * b * k)
     return fwd + bwd
 
 
@@ -99,10 +99,10 @@ def op_cost(op: str, kw: dict) -> Cost:
         p = w.shape[-1]
         return embed_kept_patches_cost(b, c, p, idx.shape[-1], w.shape[0], (hh // p) * (ww // p), x.element_size(),
                                        idx.element_size(), x.requires_grad)
-    if op == "msn_prototype_loss":
-        a, t, pr = kw["anchor"], kw["target"], kw["prototypes"]
-        return prototype_loss_cost(a.shape[0], t.shape[0], pr.shape[0], a.shape[1], a.element_size(),
-                                   t.element_size())
+    if op == "prototype_cross_entropy":
+        a, t, pr = kw["anchor"], kw["targets"], kw["prototypes"]
+        return prototype_cross_entropy_cost(a.shape[0], t.shape[0], pr.shape[0], a.shape[1], a.element_size(),
+                                            t.element_size())
     raise ValueError(f"op_cost: unknown op {op!r}")
 
 

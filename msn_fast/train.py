@@ -1,6 +1,6 @@
-"""Pre-train a ViT with Masked Siamese Networks: `python -m msn_fast.train [--model vit_tiny] [--data.path DIR]`.
+"""Pre-train a ViT with Masked Siamese Networks: `python -m msn_fast.train [--model cpu_demo] [--data.path DIR]`.
 
-With no arguments it trains the CPU demo (`vit_tiny` on the embedded digits) in a few minutes and
+With no arguments it trains the CPU demo (`cpu_demo` on the embedded digits) in a few minutes and
 ends with a low-shot report. `--model NAME` picks a recipe (msn_fast/recipes.py); any config field
 can be overridden (`--optim.lr 5e-4`); `--help` lists them. Under `torchrun` the encoders are
 sharded with FSDP2. Reads top to bottom: config -> data -> model -> optimizer -> loop (train_step,
@@ -21,29 +21,23 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from msn_fast.dataloading import DataError, ViewRecipe, build_dali_loader, build_loader, dali_available, eval_transform
+from msn_fast.dataloading import DataError, build_dali_loader, build_loader, dali_available, eval_transform
 from msn_fast.dataloading.shards import ShardSet, build_shard_loader
 
 from .budget import TimeBudget
+from .build import build_model, build_optimizer, resolve_device
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, on_rank0, save_checkpoint
 from .cli import UsageError, apply_overrides, help_text
 from .config import Config, to_dict, to_json
+from .cpu_resources import cpu_training_threads, fit_batch_to_cpu_memory
+from .data_sources import build_sources
 from .distributed import all_reduce_grad_mean, init_distributed
 from .ema import ema_update
-from .lowshot import run_lowshot
+from .evaluation import lowshot_report
+from .flops import gpu_peak_flops, step_flops_per_image
 from .metrics import JsonlWriter, StepLogger, setup_logging
 from .model import MSN
 from .recipes import get_recipe
-from .runtime import (
-    build_model,
-    build_optimizer,
-    build_sources,
-    cpu_training_threads,
-    fit_batch_to_cpu_memory,
-    gpu_peak_flops,
-    resolve_device,
-    step_flops_per_image,
-)
 from .schedules import MAX_WARMUP_FRACTION, Schedules
 from .vit import num_params
 
@@ -65,7 +59,7 @@ class TrainingDiverged(RuntimeError):
 
 def parse_config(argv: list[str]) -> Config:
     """`--model NAME` chooses the recipe; every other flag overrides a field of it. `--help` prints them."""
-    name, rest, i = "vit_tiny", [], 0
+    name, rest, i = "cpu_demo", [], 0
     while i < len(argv):
         if argv[i] == "--model":
             if i + 1 >= len(argv):
@@ -153,8 +147,9 @@ def train_step(model: MSN, batch, optimizer, sched: Schedules, step: int, cfg: C
 
 
 def read_step(r: StepResult, streaks: torch.Tensor) -> tuple[bool, list[float], list[int]]:
-    """The one host sync of a log or checkpoint step: (ok, metrics of the global batch, [streak, longest
-    streak since the last read, skipped in total]). The terms are averaged over processes here, not per step."""
+    """A log or checkpoint step's read of the device, in one host sync: (ok, metrics of the global batch, [streak,
+    longest streak since the last read, skipped in total]). The terms are averaged over processes here, not per
+    step."""
     terms = r.terms
     if dist.is_initialized() and dist.get_world_size() > 1:
         terms = terms.clone()
@@ -255,7 +250,6 @@ def train(cfg: Config) -> Path:
         if found is None:
             set_aside = set_aside_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(to_json(cfg))
     if dist.is_initialized():
         dist.barrier()  # the others wait until an earlier run is set aside
     setup_logging(info.rank, out / "train.log" if info.is_main else None)
@@ -280,9 +274,8 @@ def train(cfg: Config) -> Path:
             log.info("%d torch thread(s) for training, leaving cores to %d loader worker(s) (OMP_NUM_THREADS "
                      "overrides)", threads, reserved)
             torch.set_num_threads(threads)
-    recipe = ViewRecipe(global_size=d.global_size, focal_size=d.focal_size, num_focal=d.num_focal,
-                        global_scale=d.global_scale, focal_scale=d.focal_scale, color_jitter=d.color_jitter,
-                        blur_prob=d.blur_prob)
+    if info.is_main:  # written after the batch is fitted, so it is the config this run uses
+        (out / "config.json").write_text(to_json(cfg))
     if d.backend == "dali" and not dali_available():
         raise UsageError("data.backend=dali but nvidia-dali is not installed (pip install 'msn-fast[dali]')")
     make_loader = build_dali_loader if d.backend == "dali" else build_loader
@@ -291,7 +284,8 @@ def train(cfg: Config) -> Path:
     extra = {"device_id": device.index if device.type == "cuda" else None} if d.backend == "dali" else {}
     if make_loader is build_loader:
         extra["augment"] = d.augment
-    loader = make_loader(source, recipe, d.batch_size, rank=info.rank, world=info.world, seed=cfg.run.seed,
+    # cfg.data is the loader's ViewRecipe: DataConfig inherits the view fields from it
+    loader = make_loader(source, d, d.batch_size, rank=info.rank, world=info.world, seed=cfg.run.seed,
                          num_workers=d.num_workers, pin_memory=device.type == "cuda", **extra)
     ipe = loader.batches_per_epoch
     total = cfg.optim.epochs * ipe if cfg.run.max_steps <= 0 else min(cfg.run.max_steps, cfg.optim.epochs * ipe)
@@ -325,9 +319,8 @@ def train(cfg: Config) -> Path:
         if bad_tensors:
             raise TrainingDiverged(f"the model state is not finite ({', '.join(bad_tensors[:3])}); not saved. "
                                    + last_good(out))
-        path = save_checkpoint(out, model=model, optimizer=optimizer, step=step, epoch=step // ipe,
-                               batch_in_epoch=step % ipe, config=to_dict(cfg), keep=cfg.run.keep_checkpoints,
-                               extra={"planned_steps": total})
+        path = save_checkpoint(out, model=model, optimizer=optimizer, step=step, config=to_dict(cfg),
+                               keep=cfg.run.keep_checkpoints, extra={"planned_steps": total})
         log.info("checkpoint %s", path)
 
     stop: list[tuple[str, int]] = []  # (signal name, number) of the first signal
@@ -373,7 +366,9 @@ def train(cfg: Config) -> Path:
                     logger.total = total
                 ckpt_due = step % cfg.run.checkpoint_every == 0 and step < total
                 log_due = logger.due(step, first)
-                if log_due or ckpt_due or step >= total:  # the step's only host sync
+                # Only these steps wait for the device: read_step's one sync, then on a checkpoint step save()'s
+                # finiteness check of the state; with several processes, the stop vote below joins log steps.
+                if log_due or ckpt_due or step >= total:
                     ok, terms, (streak, longest, skipped) = read_step(r, streaks)
                     streaks[1] = 0
                     logger.skipped = skipped
@@ -416,7 +411,7 @@ def train(cfg: Config) -> Path:
 
     t_trained = time.perf_counter()
     if cfg.run.eval_lowshot and info.world == 1 and eval_train is not None and eval_test is not None:
-        report = run_lowshot(model, cfg, eval_train, eval_test, device)
+        report = lowshot_report(model, cfg, eval_train, eval_test, device)
         (out / "lowshot.json").write_text(json.dumps(report, indent=2))
     if cfg.run.time_budget > 0:
         now = time.perf_counter()

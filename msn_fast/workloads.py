@@ -2,7 +2,7 @@
 
 Kept apart from check.py (the command: sections, tables, exit status) so each reads on its own. The inputs
 are those of the training step (msn_fast/model.py, msn_fast/vit.py), the step is the trainer's own
-(runtime.build_model, build_optimizer, train.train_step) on random images.
+(build.build_model, build_optimizer, train.train_step) on random images.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
-from .runtime import step_flops_per_image, tokens_per_image
+from .flops import step_flops_per_image, tokens_per_image
+from .loss import target_probs
 
 CPU_STEP_FLOPS = 20e9  # the CPU step is shrunk (depth, then image sizes) to about this many FLOPs
 
@@ -42,8 +43,9 @@ def tiny(cfg: Config) -> Config:
 
 def kernel_cases(cfg: Config, batch: int, device: torch.device, dtype: torch.dtype) -> list[Case]:
     """Random inputs of each op as the training step calls it: attention over the masked anchor (1 + kept
-    tokens) and over a focal view, the token gather and the kept-patch embedding of the anchor, the loss of
-    1 + num_focal views. Tensors the op differentiates require grad (images and the target do not)."""
+    tokens) and over a focal view, the token gather and the kept-patch embedding of the anchor, the prototype
+    cross-entropy of 1 + num_focal views against the recipe's sharpened targets (msn_fast.loss.target_probs).
+    Tensors the op differentiates require grad (images and the targets do not)."""
     v, d, h, lc = cfg.vit, cfg.data, cfg.head, cfg.loss
     gen = torch.Generator().manual_seed(0)
 
@@ -65,11 +67,11 @@ def kernel_cases(cfg: Config, batch: int, device: torch.device, dtype: torch.dty
                       dict(images=rand(batch, 3, d.global_size, d.global_size, grad=False),
                            weight=rand(v.dim, 3, v.patch_size, v.patch_size, scale=kdim**-0.5), bias=rand(v.dim),
                            pos_embed=rand(n, v.dim), keep_idx=keep, cls_token=rand(v.dim))))
-    cases.append(Case("msn_prototype_loss", "msn_prototype_loss",
-                      dict(anchor=rand(views * batch, h.out_dim), target=rand(batch, h.out_dim, grad=False),
-                           prototypes=rand(h.num_prototypes, h.out_dim, dt=torch.float32), num_views=views,
-                           tau=lc.tau, sharpen=lc.sharpen, me_max_weight=lc.me_max_weight,
-                           sinkhorn_iters=lc.sinkhorn_iters)))
+    emb, target = rand(views * batch, h.out_dim), rand(batch, h.out_dim, grad=False)
+    protos = rand(h.num_prototypes, h.out_dim, dt=torch.float32)
+    targets = target_probs(target, protos, lc.tau, lc.sharpen, lc.sinkhorn_iters)  # (B, K) fp32, no grad
+    cases.append(Case("prototype_cross_entropy", "prototype_cross_entropy",
+                      dict(anchor=emb, prototypes=protos, targets=targets, num_views=views, tau=lc.tau)))
     return cases
 
 
@@ -104,7 +106,7 @@ def fwd_bwd(op: str, kw: dict, backend: str):
 
     def run():
         out = fn(**kw, backend=backend)
-        out = out[0] if isinstance(out, tuple) else out  # the loss of (loss, stats)
+        out = out[0] if isinstance(out, tuple) else out  # the CE of (ce, mean_probs): the same backward kernels run
         torch.autograd.grad(out, leaves, torch.ones_like(out))
 
     return run
@@ -134,14 +136,14 @@ def cpu_step_config(cfg: Config) -> list[str]:
 
 
 def step_section(cfg: Config, device: torch.device, batch: int, rounds: int, peak_flops: float | None) -> dict:
-    """The trainer's step (runtime.build_model / build_optimizer, train.train_step) on random images, at the
+    """The trainer's step (build.build_model / build_optimizer, train.train_step) on random images, at the
     recipe's mask ratio and unmasked: median seconds, img/s, MFU, peak memory (allocated, CUDA only)."""
     import torch.distributed as dist
 
     from msn_fast.dataloading import MultiViewBatch
 
+    from .build import build_model, build_optimizer
     from .distributed import DistInfo
-    from .runtime import build_model, build_optimizer
     from .schedules import Schedules
     from .train import train_step
 

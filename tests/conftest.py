@@ -95,6 +95,18 @@ except ValueError:
     raise pytest.UsageError(f"MSN_TEST_SEED must be an integer, got {os.environ['MSN_TEST_SEED']!r}") from None
 
 
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref|, in float64."""
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def raises_one_line(exc: type[BaseException], match: str, fn) -> None:
+    """fn() raises exc whose message matches `match` and is a single line."""
+    with pytest.raises(exc, match=match) as err:
+        fn()
+    assert "\n" not in str(err.value), str(err.value)
+
+
 def seeded(offset: int = 0) -> int:
     """A seed for a test's own generator that changes with MSN_TEST_SEED (offset tells draws apart)."""
     return TEST_SEED * 100_003 + offset

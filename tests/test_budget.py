@@ -69,4 +69,4 @@ def test_a_budgeted_run_plans_its_steps_decays_over_them_and_ends_inside(tmp_pat
 
 def test_time_budget_must_be_minutes(capsys):
     assert main(TINY + ["--run.time_budget", "-1"]) == 2
-    assert "run.time_budget=-1" in capsys.readouterr().err
+    assert "--run.time_budget must be a number of minutes >= 0 (0 = none); got -1.0" in capsys.readouterr().err

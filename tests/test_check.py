@@ -11,12 +11,12 @@ import torch
 
 import msn_fast.kernels.token_gather as token_gather
 from msn_fast import check
+from msn_fast.flops import gpu_peak_flops, gpu_peaks, step_flops_per_image
 from msn_fast.recipes import RECIPES, get_recipe
-from msn_fast.roofline import attention_cost, op_cost, prototype_loss_cost, time_bound
-from msn_fast.runtime import gpu_peak_flops, gpu_peaks, step_flops_per_image
+from msn_fast.roofline import attention_cost, op_cost, prototype_cross_entropy_cost, time_bound
 from msn_fast.workloads import CPU_STEP_FLOPS, cpu_step_config
 
-OPS = {"attention", "gather_tokens", "embed_kept_patches", "msn_prototype_loss"}
+OPS = {"attention", "gather_tokens", "embed_kept_patches", "prototype_cross_entropy"}
 FAST = ["--model", "vit_s16", "--no-step", "--no-compile", "--rounds", "1"]
 
 
@@ -118,8 +118,11 @@ def test_roofline_attention_formula_and_bound():
     long = attention_cost(b, h, 1025, 1025, d, elem=2)
     assert time_bound(long, h200) == long.flops / 989e12  # ViT-L/7's 1025 tokens: compute-bound
     assert time_bound(c, None) is None
-    loss = prototype_loss_cost(m=11 * 64, b=64, k=1024, d=256, elem=2)
-    assert loss.flops == 6 * 11 * 64 * 1024 * 256 + 2 * 64 * 1024 * 256
+    loss = prototype_cross_entropy_cost(m=11 * 64, b=64, k=1024, d=256, elem=2)
+    assert loss.flops == 6 * 11 * 64 * 1024 * 256  # the op's one logit matmul and its two gradient matmuls
+    # bf16 anchors read twice and d anchor written; fp32 prototypes read twice and d prototypes written; fp32
+    # targets read twice; the CE and the mean prediction written
+    assert loss.bytes == 3 * 2 * 11 * 64 * 256 + 3 * 4 * 1024 * 256 + 2 * 4 * 64 * 1024 + 4 * (1 + 1024)
     assert time_bound(loss, h200) == max(loss.flops / 989e12, loss.bytes / 4.8e12)
 
 

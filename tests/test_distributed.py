@@ -195,7 +195,7 @@ import msn_fast.model as msn_model
 from msn_fast.dataloading.loader import MultiViewBatch
 from msn_fast.config import Config, HeadConfig, LossConfig, MaskConfig, OptimConfig, ViTConfig
 from msn_fast.distributed import init_distributed
-from msn_fast.runtime import build_model, build_optimizer
+from msn_fast.build import build_model, build_optimizer
 from msn_fast.schedules import Schedules
 from msn_fast.train import read_step, train_step
 

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from msn_fast import evaluation as ev
-from msn_fast.eval import load_splits, main
+from msn_fast.dataloading.sources import load_splits
+from msn_fast.eval import main
+from msn_fast.features import extract_features
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 50, 230)]
 
@@ -154,7 +156,7 @@ def _run(capsys, *args):
 def test_cli_raw_pixels_and_cache(tmp_path, capsys):
     root = _folder_dataset(tmp_path / "d")
     common = ["--data", root, "--shots", "1", "2", "--fractions", "0.5", "--draws", "2", "--knn-k", "3", "--linear",
-              "--cache", tmp_path / "cache", "--model", "vit_tiny"]
+              "--cache", tmp_path / "cache", "--model", "cpu_demo"]
     rc, out, err = _run(capsys, "--raw-pixels", *common, "--out", tmp_path / "r.json")
     assert rc == 0, err
     assert "1-shot" in out and "class-mean" in out and "3-NN" in out and "linear" in out
@@ -213,8 +215,7 @@ def test_cli_msn_fast_run_directory(tmp_path, capsys):
     cfg.data.global_size = 16
     model = MSN(cfg)
     opt = torch.optim.AdamW(param_groups(model))
-    save_checkpoint(tmp_path / "run", model=model, optimizer=opt, step=1, epoch=0, batch_in_epoch=1,
-                    config=to_dict(cfg))
+    save_checkpoint(tmp_path / "run", model=model, optimizer=opt, step=1, config=to_dict(cfg))
     root = _folder_dataset(tmp_path / "d", n_train=3, n_test=2)
     rc, out, err = _run(capsys, "--checkpoint", tmp_path / "run", "--data", root, "--shots", "1", "--fractions",
                         "--draws", "1", "--no-cache", "--out", tmp_path / "r.json")
@@ -224,7 +225,7 @@ def test_cli_msn_fast_run_directory(tmp_path, capsys):
     # the same features as the encoder computes directly (CLS before the final norm)
     from msn_fast.dataloading import ImageFolder, eval_transform
 
-    x, _ = ev.extract_features(model.target.trunk.extract_features, ImageFolder(root / "test"), eval_transform(16))
+    x, _ = extract_features(model.target.trunk.extract_features, ImageFolder(root / "test"), eval_transform(16))
     assert x.shape == (6, 32)
 
 
@@ -232,7 +233,7 @@ def test_cli_counts_only_the_images_it_read(tmp_path, capsys):
     root = _folder_dataset(tmp_path / "d")  # 18 train / 12 test images, plus 3 broken files
     for rel in ("train/c0/broken.png", "train/c1/empty.jpg", "test/c2/trunc.png"):
         (root / rel).write_bytes(b"" if rel.endswith(".jpg") else b"\x89PNG\r\n\x1a\n broken")
-    args = ["--raw-pixels", "--data", root, "--model", "vit_tiny", "--shots", "1", "--fractions", "--draws", "1",
+    args = ["--raw-pixels", "--data", root, "--model", "cpu_demo", "--shots", "1", "--fractions", "--draws", "1",
             "--knn-k", "0", "--cache", tmp_path / "cache"]
     for i in range(2):  # extracted, then from the cache (where the broken files are not read at all)
         rc, out, err = _run(capsys, *args, "--out", tmp_path / f"r{i}.json")

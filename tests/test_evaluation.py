@@ -66,7 +66,7 @@ class _CountingSource:
 
 def test_feature_sets_in_one_pass_read_each_image_once_and_equal_each_set_alone():
     from msn_fast.dataloading import eval_transform
-    from msn_fast.evaluation import extract_feature_sets
+    from msn_fast.features import extract_feature_sets
 
     src, tf = _CountingSource(11), eval_transform(8)
     w = torch.randn(3 * 8 * 8, 5, dtype=torch.float64)
@@ -85,15 +85,15 @@ def test_feature_sets_in_one_pass_read_each_image_once_and_equal_each_set_alone(
 
 
 def test_end_of_run_report_reads_each_image_once():
-    from msn_fast import lowshot
+    from msn_fast.evaluation import lowshot_report
     from msn_fast.model import MSN
     from msn_fast.recipes import get_recipe
 
-    cfg = get_recipe("vit_tiny")
+    cfg = get_recipe("cpu_demo")
     cfg.vit.dim, cfg.vit.depth, cfg.vit.heads, cfg.head.hidden_dim, cfg.head.out_dim = 16, 1, 2, 16, 8
     cfg.head.num_prototypes, cfg.vit.img_size, cfg.data.global_size, cfg.run.eval_draws = 8, 16, 16, 2
 
     train, test = _CountingSource(12, 1), _CountingSource(9, 2)
-    report = lowshot.run_lowshot(MSN(cfg), cfg, train, test, torch.device("cpu"), shots=(1,))
+    report = lowshot_report(MSN(cfg), cfg, train, test, torch.device("cpu"), shots=(1,))
     assert train.reads == [1] * 12 and test.reads == [1] * 9
     assert set(report["results"]) == {"msn (target encoder)", "random-init encoder", "raw pixels"}

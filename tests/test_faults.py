@@ -24,6 +24,7 @@ import kill_points
 import pytest
 import torch
 
+from msn_fast.build import build_optimizer
 from msn_fast.checkpoint import (
     CheckpointError,
     find_checkpoint,
@@ -36,7 +37,6 @@ from msn_fast.checkpoint import (
 from msn_fast.cli import apply_overrides
 from msn_fast.model import MSN
 from msn_fast.recipes import get_recipe
-from msn_fast.runtime import build_optimizer
 
 SMALL = ["--vit.dim", "16", "--vit.depth", "1", "--vit.heads", "2", "--head.hidden_dim", "16", "--head.out_dim",
          "8", "--head.num_prototypes", "8", "--vit.img_size", "16", "--data.global_size", "16", "--data.focal_size",
@@ -46,7 +46,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE.parent}{os.pa
 
 
 def _model_and_optimizer(seed: int):
-    cfg = apply_overrides(get_recipe("vit_tiny"), SMALL)
+    cfg = apply_overrides(get_recipe("cpu_demo"), SMALL)
     torch.manual_seed(seed)
     model = MSN(cfg)
     opt = build_optimizer(cfg, model, torch.device("cpu"))
@@ -86,8 +86,7 @@ def _loaded(out) -> tuple[int, dict]:
 
 
 def _save(out, model, opt, step, keep=2):
-    return save_checkpoint(out, model=model, optimizer=opt, step=step, epoch=0, batch_in_epoch=step, config={},
-                           keep=keep)
+    return save_checkpoint(out, model=model, optimizer=opt, step=step, config={}, keep=keep)
 
 
 def _save_in_child(out, model, opt, step, kill_at, keep=2) -> str:
@@ -216,19 +215,32 @@ def test_a_step_committed_under_another_config_is_replaced(tmp_path):
     step committed before: that step holds the other config's state, so it is replaced, not kept."""
     _, model, opt = _model_and_optimizer(0)
     _advance(model, opt, 5)
-    save_checkpoint(tmp_path, model=model, optimizer=opt, step=5, epoch=0, batch_in_epoch=5,
+    save_checkpoint(tmp_path, model=model, optimizer=opt, step=5,
                     config={"optim": {"lr": 1e-3}, "run": {"seed": 0, "max_steps": 5}})
     s_new = _advance(model, opt, 6)
     same_run = {"optim": {"lr": 1e-3}, "run": {"seed": 0, "max_steps": 99}}  # only the run length differs
     path = tmp_path / "checkpoints" / "step_0000005"
     stamp = (path / "meta.pt").stat().st_mtime_ns
-    save_checkpoint(tmp_path, model=model, optimizer=opt, step=5, epoch=0, batch_in_epoch=5, config=same_run)
+    save_checkpoint(tmp_path, model=model, optimizer=opt, step=5, config=same_run)
     assert (path / "meta.pt").stat().st_mtime_ns == stamp  # same training config: kept
-    save_checkpoint(tmp_path, model=model, optimizer=opt, step=5, epoch=0, batch_in_epoch=5,
-                    config={"optim": {"lr": 5e-4}, "run": {"seed": 0}})
+    save_checkpoint(tmp_path, model=model, optimizer=opt, step=5, config={"optim": {"lr": 5e-4}, "run": {"seed": 0}})
     step, tensors = _loaded(tmp_path)
     assert step == 5 and _same(tensors, s_new)
     assert load_meta(tmp_path)["config"]["optim"]["lr"] == 5e-4
+
+
+def test_meta_holds_what_is_read_and_an_earlier_versions_meta_still_loads(tmp_path):
+    """meta.pt holds the step (the data position follows from it), process count, config and extra, each read by a
+    resume or a load; an earlier version's meta.pt, which also held epoch and batch_in_epoch, still loads."""
+    _, model, opt = _model_and_optimizer(0)
+    s5 = _advance(model, opt, 5)
+    path = _save(tmp_path, model, opt, 5)
+    meta = torch.load(path / "meta.pt", weights_only=True)
+    assert set(meta) == {"format", "step", "world", "config", "extra"}
+    torch.save({**meta, "epoch": 0, "batch_in_epoch": 5}, path / "meta.pt")  # as earlier versions wrote it
+    assert load_meta(tmp_path)["step"] == 5
+    step, tensors = _loaded(tmp_path)
+    assert step == 5 and _same(tensors, s5)
 
 
 def test_broken_latest_falls_back_to_the_newest_complete_step(tmp_path, caplog):
@@ -537,7 +549,7 @@ def test_a_skipped_step_leaves_every_tensor_bit_identical(monkeypatch, poison):
     from msn_fast.schedules import Schedules
     from msn_fast.train import train_step
 
-    cfg = apply_overrides(get_recipe("vit_tiny"), SMALL + ["--data.num_focal", "2"])
+    cfg = apply_overrides(get_recipe("cpu_demo"), SMALL + ["--data.num_focal", "2"])
     torch.manual_seed(0)
     model = MSN(cfg)
     model.train()

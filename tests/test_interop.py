@@ -296,8 +296,8 @@ def test_interop_cli_exports(tmp_path, capsys):
 
     cfg = _tiny_cfg()
     model = _trained_like(MSN(cfg))
-    save_checkpoint(tmp_path / "run", model=model, optimizer=torch.optim.AdamW(param_groups(model)), step=1, epoch=0,
-                    batch_in_epoch=1, config=to_dict(cfg))
+    save_checkpoint(tmp_path / "run", model=model, optimizer=torch.optim.AdamW(param_groups(model)), step=1,
+                    config=to_dict(cfg))
     assert main(["export-timm", str(tmp_path / "run"), str(tmp_path / "t.pth")]) == 0
     sd = torch.load(tmp_path / "t.pth", weights_only=True)
     assert set(sd) == set(to_timm_state_dict(model.target.trunk))

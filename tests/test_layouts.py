@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from msn_fast.config import Config
+from msn_fast.data_sources import build_sources
 from msn_fast.dataloading import DataError
 from msn_fast.dataloading.sources import find_splits, subset_indices
 from msn_fast.eval import main
-from msn_fast.runtime import build_sources
 
 WNIDS = ["n01440764", "n01443537", "n02102040"]  # ImageNet class folders and file-name prefixes
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 50, 230)]
@@ -103,7 +103,7 @@ def _eval(capsys, *args):
     return rc, out, err
 
 
-COMMON = ["--raw-pixels", "--model", "vit_tiny", "--knn-k", "0", "--no-cache", "--no-progress"]
+COMMON = ["--raw-pixels", "--model", "cpu_demo", "--knn-k", "0", "--no-cache", "--no-progress"]
 
 
 def test_cli_names_the_evaluated_split(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The MSN objective against a float64 computation written from the paper's equations."""
+"""msn_fast.loss: the MSN objective against a float64 computation from the paper's equations, and its pieces."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import rounding_bound
 
-from msn_fast.kernels import msn_prototype_loss, sinkhorn
+from msn_fast.loss import all_reduce_mean, mean_entropy_gap, msn_loss, sinkhorn, target_probs
 
 F64 = torch.float64
 
@@ -57,8 +57,8 @@ def test_loss_matches_equations_values_and_grads(num_views, b, k, sink, lam):
     protos = torch.randn(k, d, dtype=torch.float64, requires_grad=True)
     ref = equations_loss(anchor, target, protos, num_views, 0.1, 0.25, lam, sink)
     ga, gp = torch.autograd.grad(ref, (anchor, protos))
-    loss, stats = msn_prototype_loss(anchor, target, protos, num_views=num_views, tau=0.1, sharpen=0.25,
-                                     me_max_weight=lam, sinkhorn_iters=sink, backend="torch")
+    loss, stats = msn_loss(anchor, target, protos, num_views=num_views, tau=0.1, sharpen=0.25,
+                           me_max_weight=lam, sinkhorn_iters=sink, backend="torch")
     ka, kp = torch.autograd.grad(loss, (anchor, protos))
     # Two fp64 computations of the same sums: rounding over rows x K terms through exp(cos/τ), whose
     # conditioning is 1/τ; λ weighs the ME-MAX term's share.
@@ -72,7 +72,7 @@ def test_loss_matches_equations_values_and_grads(num_views, b, k, sink, lam):
 
 def test_fp32_loss_close_to_float64():
     anchor, target, protos = torch.randn(22, 16), torch.randn(2, 16), torch.randn(32, 16)
-    loss32, _ = msn_prototype_loss(anchor, target, protos, num_views=11, backend="torch")
+    loss32, _ = msn_loss(anchor, target, protos, num_views=11, backend="torch")
     loss64 = equations_loss(anchor, target, protos, 11, 0.1, 0.25, 1.0)
     assert loss32.dtype == torch.float32
     bound = rounding_bound(torch.float32, 22 * 32, 2 / 0.1)  # as above, in fp32
@@ -81,7 +81,7 @@ def test_fp32_loss_close_to_float64():
 
 def test_bf16_inputs_give_fp32_loss():
     anchor, target, protos = torch.randn(6, 8).bfloat16(), torch.randn(3, 8).bfloat16(), torch.randn(16, 8)
-    loss, _ = msn_prototype_loss(anchor, target, protos, num_views=2, backend="torch")
+    loss, _ = msn_loss(anchor, target, protos, num_views=2, backend="torch")
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
@@ -97,7 +97,7 @@ def test_no_gradient_through_targets():
     anchor = torch.randn(4, 8, requires_grad=True)
     target = torch.randn(2, 8, requires_grad=True)
     protos = torch.randn(16, 8, requires_grad=True)
-    loss, _ = msn_prototype_loss(anchor, target, protos, num_views=2, backend="torch")
+    loss, _ = msn_loss(anchor, target, protos, num_views=2, backend="torch")
     loss.backward()
     assert target.grad is None
     assert anchor.grad is not None and protos.grad is not None
@@ -136,25 +136,44 @@ def test_me_max_is_zero_at_uniform_mean():
     protos = torch.eye(k, dtype=torch.float64)
     anchor = torch.eye(k, dtype=torch.float64)  # row i predicts prototype i; the mean over rows is uniform
     target = torch.eye(k, dtype=torch.float64)
-    _, stats = msn_prototype_loss(anchor, target, protos, num_views=1, backend="torch")
+    _, stats = msn_loss(anchor, target, protos, num_views=1, backend="torch")
     assert abs(stats.me_max.item()) < 1e-12
     # and positive for a non-uniform mean
-    _, stats = msn_prototype_loss(anchor[:2].repeat(4, 1), target, protos, num_views=1, backend="torch")
+    _, stats = msn_loss(anchor[:2].repeat(4, 1), target, protos, num_views=1, backend="torch")
     assert stats.me_max.item() > 0.1
 
 
 def test_stats():
     protos = torch.eye(4)
     target = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0.1, 0, 0]])
-    _, stats = msn_prototype_loss(torch.randn(3, 4), target, protos, num_views=1, backend="torch")
+    _, stats = msn_loss(torch.randn(3, 4), target, protos, num_views=1, backend="torch")
     assert stats.num_targets.item() == 2
     assert 0.9 < stats.max_target_prob.item() <= 1.0
 
 
 def test_bad_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match="num_views"):
-        msn_prototype_loss(torch.randn(5, 4), torch.randn(2, 4), torch.randn(8, 4), num_views=2)
+        msn_loss(torch.randn(5, 4), torch.randn(2, 4), torch.randn(8, 4), num_views=2)
     with pytest.raises(ValueError, match="embedding dims"):
-        msn_prototype_loss(torch.randn(4, 4), torch.randn(2, 3), torch.randn(8, 4), num_views=2)
+        msn_loss(torch.randn(4, 4), torch.randn(2, 3), torch.randn(8, 4), num_views=2)
     with pytest.raises(TypeError, match="int64"):
-        msn_prototype_loss(torch.ones(4, 4, dtype=torch.int64), torch.randn(2, 4), torch.randn(8, 4), num_views=2)
+        msn_loss(torch.ones(4, 4, dtype=torch.int64), torch.randn(2, 4), torch.randn(8, 4), num_views=2)
+
+
+@pytest.mark.parametrize("sink", [0, 3])
+def test_target_probs_rows_are_probabilities(sink):
+    target, protos = torch.randn(9, 12, dtype=F64), torch.randn(40, 12, dtype=F64, requires_grad=True)
+    q = target_probs(target, protos, 0.1, 0.25, sink)
+    assert q.shape == (9, 40) and (q >= 0).all() and not q.requires_grad
+    assert (q.sum(1) - 1).abs().max().item() <= rounding_bound(F64, 40 * (1 + sink))
+
+
+def test_me_max_and_the_cross_process_mean():
+    """ME-MAX is log K - H(p̄); with one process the mean is the value itself and its backward the identity."""
+    p = torch.softmax(torch.randn(16, dtype=F64), 0).requires_grad_()
+    entropy = -(p * p.log()).sum()
+    assert abs((mean_entropy_gap(p) - (math.log(16) - entropy)).item()) <= rounding_bound(F64, 16, math.log(16))
+    g = torch.randn(16, dtype=F64)
+    mean = all_reduce_mean(p)
+    mean.backward(g)
+    assert torch.equal(mean.detach(), p.detach()) and torch.equal(p.grad, g)

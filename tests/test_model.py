@@ -5,7 +5,7 @@ from conftest import assert_rounding_close
 
 import msn_fast.model as msn_model
 from msn_fast.config import Config, HeadConfig, MaskConfig, ViTConfig
-from msn_fast.kernels import msn_prototype_loss
+from msn_fast.loss import msn_loss
 from msn_fast.masking import num_kept
 
 
@@ -31,7 +31,7 @@ def test_views_encoders_masks_and_row_order(monkeypatch):
     globals_, focals = torch.randn(2, B, 3, 16, 16), torch.randn(F, B, 3, 8, 8)
 
     seen = {}
-    real_keep, real_loss = msn_model.sample_keep_indices, msn_model.msn_prototype_loss
+    real_keep, real_loss = msn_model.sample_keep_indices, msn_model.msn_loss
 
     def keep_spy(*args, **kw):
         seen["keep"] = real_keep(*args, **kw)
@@ -42,7 +42,7 @@ def test_views_encoders_masks_and_row_order(monkeypatch):
         return real_loss(anchor, target, protos, **kw)
 
     monkeypatch.setattr(msn_model, "sample_keep_indices", keep_spy)
-    monkeypatch.setattr(msn_model, "msn_prototype_loss", loss_spy)
+    monkeypatch.setattr(msn_model, "msn_loss", loss_spy)
     loss, _ = model.loss(globals_, focals)
 
     keep = seen["keep"]
@@ -63,7 +63,7 @@ def test_views_encoders_masks_and_row_order(monkeypatch):
     lc = cfg.loss
     hyper = dict(tau=lc.tau, sharpen=lc.sharpen, me_max_weight=lc.me_max_weight, sinkhorn_iters=lc.sinkhorn_iters)
     assert {k: seen[k] for k in hyper} == hyper
-    want_loss, _ = msn_prototype_loss(want_anchor, want_target, model.prototypes, num_views=1 + F, **hyper)
+    want_loss, _ = msn_loss(want_anchor, want_target, model.prototypes, num_views=1 + F, **hyper)
     assert_rounding_close(loss.detach(), want_loss, torch.float32, n * 6, "loss")
 
     loss.backward()  # gradients reach the student and the prototypes, never the target

@@ -20,7 +20,7 @@ def test_imports_from_outside_the_source_tree(tmp_path):
         "import os; ours = {os.path.dirname(k.__file__), os.path.dirname(d.__file__)};"
         "found = [s.origin for s in (u.find_spec('kernels'), u.find_spec('dataloading')) if s is not None];"
         "assert not [f for f in found if os.path.dirname(f or '') in ours], ('generic top-level names', found);"
-        "assert callable(k.attention) and callable(k.msn_prototype_loss)"
+        "assert callable(k.attention) and callable(k.prototype_cross_entropy)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -64,18 +64,21 @@ def _run(code: str, cwd: Path, interpret: bool = False, timeout: int = 300) -> s
 
 def test_without_triton_every_op_runs_on_torch_and_triton_is_a_clear_error(tmp_path):
     code = NO_TRITON + """
-import importlib, torch, msn_fast, msn_fast.kernels as K
+import importlib, torch, msn_fast, msn_fast.kernels as K, msn_fast.loss as L
 assert sys.modules["triton"] is None and not K._utils.triton_available()
 q = torch.randn(2, 2, 13, 32, requires_grad=True)
 anchor, target, protos = torch.randn(6, 8, requires_grad=True), torch.randn(3, 8), torch.randn(5, 8)
+targets = torch.rand(3, 5).softmax(-1)
 images, weight, idx = torch.randn(2, 3, 8, 8), torch.randn(16, 3, 4, 4), torch.tensor([0, 3])
 calls = {
     "attention": lambda b: K.attention(q, q, q, backend=b).sum(),
-    "msn_prototype_loss": lambda b: K.msn_prototype_loss(anchor, target, protos, num_views=2, sinkhorn_iters=1,
-                                                         backend=b)[0],
+    "prototype_cross_entropy": lambda b: sum(t.sum() for t in K.prototype_cross_entropy(
+        anchor, protos, targets, num_views=2, backend=b)),
+    "msn_loss": lambda b: L.msn_loss(anchor, target, protos, num_views=2, sinkhorn_iters=1, backend=b)[0],
     "embed_kept_patches": lambda b: K.embed_kept_patches(images, weight, keep_idx=idx, backend=b).sum(),
     "gather_tokens": lambda b: K.gather_tokens(torch.randn(2, 4, 8), idx, backend=b).sum(),
 }
+needs = {"msn_loss": "prototype_cross_entropy"}  # the objective's error names the op that needs Triton
 for name, call in calls.items():
     for backend in ("auto", "torch"):
         out = call(backend)
@@ -85,11 +88,11 @@ for name, call in calls.items():
     try:
         call("triton")
     except RuntimeError as e:
-        assert str(e) == f"msn_fast.kernels: {name} needs Triton, which is not installed (pip install triton; " \
-            "Linux only); use backend='torch'", str(e)
+        assert str(e) == f"msn_fast.kernels: {needs.get(name, name)} needs Triton, which is not installed " \
+            "(pip install triton; Linux only); use backend='torch'", str(e)
     else:
         raise AssertionError(f"{name}: backend='triton' ran without Triton")
-assert torch.isfinite(K.sinkhorn(torch.rand(4, 6).softmax(-1), iters=2)).all()
+assert torch.isfinite(L.sinkhorn(torch.rand(4, 6).softmax(-1), iters=2)).all()
 try:  # a launcher called directly reaches a stand-in kernel
     importlib.import_module("msn_fast.kernels.attention").attention_fwd(q.detach(), q.detach(), q.detach())
 except RuntimeError as e:

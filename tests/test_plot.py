@@ -58,7 +58,7 @@ def test_eval_cli_plot_with_baselines(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     root = _dataset(tmp_path / "d")
     png = tmp_path / "plots" / "report.png"
-    rc = eval_main(["--raw-pixels", "--baselines", "--model", "vit_tiny", "--data", str(root), "--shots", "1", "2",
+    rc = eval_main(["--raw-pixels", "--baselines", "--model", "cpu_demo", "--data", str(root), "--shots", "1", "2",
                     "--fractions", "0.5", "--draws", "2", "--knn-k", "0", "--no-cache", "--no-progress",
                     "--plot", str(png), "--out", str(tmp_path / "r.json")])
     out, err = capsys.readouterr()

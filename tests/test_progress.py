@@ -89,8 +89,10 @@ def test_off(monkeypatch, capsys, caplog, how):
 
 
 def test_evaluation_reports_progress_through_its_logger(monkeypatch, caplog):
-    """The draws and the λ search of lowshot_eval write lines through msn_fast.evaluation's logger."""
+    """The draws and the λ search of lowshot_eval, and feature extraction, write lines through msn_fast.evaluation's
+    logger."""
     from msn_fast import evaluation as ev
+    from msn_fast.features import extract_features
 
     _tty(monkeypatch, False)
     monkeypatch.setattr(progress, "DELAY_S", 0.0)
@@ -98,8 +100,8 @@ def test_evaluation_reports_progress_through_its_logger(monkeypatch, caplog):
     x, y = rng.normal(size=(30, 4)).astype(np.float32), np.repeat(np.arange(3), 10)
     with caplog.at_level(logging.INFO, logger="msn_fast.evaluation"):
         ev.lowshot_eval(x, y, x, y, shots=(5,), draws=2, reg="cv")
-        ev.extract_features(lambda b: b.flatten(1), [(np.zeros((2, 2, 3), np.float32), 0)] * 3,
-                            torch.from_numpy, desc="train features")
+        extract_features(lambda b: b.flatten(1), [(np.zeros((2, 2, 3), np.float32), 0)] * 3, torch.from_numpy,
+                         desc="train features")
     text = "\n".join(r.getMessage() for r in caplog.records if r.name == "msn_fast.evaluation")
     assert "5-shot: labelled sets: 1/2 set (50%)" in text and "5-shot: labelled sets: 2 set done" in text
     assert "λ search (15 images, 3 folds)" in text and "train features: 3 img done" in text
@@ -117,7 +119,7 @@ def test_eval_cli_no_progress(tmp_path, monkeypatch, capsys, caplog):
                 Image.new("RGB", (8, 8), (200 * c, 50, 90 + i)).save(tmp_path / s / f"c{c}" / f"{i}.png")
     _tty(monkeypatch, False)
     monkeypatch.setattr(progress, "DELAY_S", 0.0)
-    args = ["--raw-pixels", "--model", "vit_tiny", "--data", str(tmp_path), "--shots", "1", "--fractions",
+    args = ["--raw-pixels", "--model", "cpu_demo", "--data", str(tmp_path), "--shots", "1", "--fractions",
             "--draws", "1", "--knn-k", "0", "--no-cache"]
     with caplog.at_level(logging.INFO):
         assert main(args) == 0

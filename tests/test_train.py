@@ -23,7 +23,7 @@ def _metrics(out):
 
 
 def test_default_recipe_loss_goes_down(tmp_path):
-    """The vit_tiny recipe's objective decreases over its first steps (a shortened default run)."""
+    """The cpu_demo recipe's objective decreases over its first steps (a shortened default run)."""
     out = tmp_path / "run"
     rc = main(TINY + ["--optim.epochs", "2", "--optim.warmup_epochs", "0.2", "--run.eval_lowshot", "false",
                       "--run.out_dir", str(out)])
@@ -32,7 +32,7 @@ def test_default_recipe_loss_goes_down(tmp_path):
     assert len(losses) == 2 * (1297 // 32)
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["vit"]["dim"] == 32 and cfg["model"] == "vit_tiny"
+    assert cfg["vit"]["dim"] == 32 and cfg["model"] == "cpu_demo"
     assert load_meta(out)["step"] == len(losses)
     model, cfg2 = load_model(out)
     assert cfg2.vit.dim == 32 and model.prototypes.shape == (32, 32)
@@ -49,7 +49,7 @@ def test_default_run_learns_and_beats_random_init(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "msn_fast.train"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "runs" / "vit_tiny"
+    out = tmp_path / "runs" / "cpu_demo"
     results = json.loads((out / "lowshot.json").read_text())["results"]
     msn, rand = results["msn (target encoder)"], results["random-init encoder"]
     for shot in ("1-shot", "2-shot", "5-shot"):
@@ -129,18 +129,18 @@ def test_checkpoint_errors(tmp_path):
     (["--model", "vit_xl"], "unknown model 'vit_xl'"),
     (["--optim.lr", "fast"], "--optim.lr expects float; got 'fast'"),
     (["--optim.lrr", "1"], "unknown option --optim.lrr; did you mean --optim.lr?"),
-    (["--mask.ratio", "1.2"], "mask.ratio=1.2 must be in [0, 1)"),
-    (["--loss.tau", "0"], "loss.tau=0.0 must be a finite number > 0"),
-    (["--loss.tau", "-0.1"], "loss.tau=-0.1 must be a finite number > 0"),
-    (["--loss.tau", "nan"], "loss.tau=nan must be a finite number > 0"),
-    (["--loss.sharpen", "0"], "loss.sharpen=0.0 must be a finite number > 0"),
-    (["--loss.me_max_weight", "-1"], "loss.me_max_weight=-1.0 must be a finite number >= 0"),
-    (["--loss.sinkhorn_iters", "-1"], "loss.sinkhorn_iters=-1 must be >= 0"),
-    (["--loss.backend", "cuda"], "loss.backend='cuda': choose auto, triton or torch"),
-    (["--run.keep_checkpoints", "0"], "run.keep_checkpoints=0 must be >= 1"),
-    (["--data.eval_split", "train"], "data.eval_split='train': choose auto, val or test"),
-    (["--data.augment", "gpu"], "data.augment='gpu': choose per_image or batched"),
-    (["--run.checkpoint_every", "0"], "run.checkpoint_every=0 must be >= 1"),
+    (["--mask.ratio", "1.2"], "--mask.ratio must be in [0, 1) (at least one patch is kept); got 1.2"),
+    (["--loss.tau", "0"], "--loss.tau must be a finite number > 0 (it divides the logits); got 0.0"),
+    (["--loss.tau", "-0.1"], "--loss.tau must be a finite number > 0 (it divides the logits); got -0.1"),
+    (["--loss.tau", "nan"], "--loss.tau must be a finite number > 0 (it divides the logits); got nan"),
+    (["--loss.sharpen", "0"], "--loss.sharpen must be a finite number > 0 (it divides the logits); got 0.0"),
+    (["--loss.me_max_weight", "-1"], "--loss.me_max_weight must be a finite number >= 0; got -1.0"),
+    (["--loss.sinkhorn_iters", "-1"], "--loss.sinkhorn_iters must be >= 0; got -1"),
+    (["--loss.backend", "cuda"], "--loss.backend must be auto, triton or torch; got 'cuda'"),
+    (["--run.keep_checkpoints", "0"], "--run.keep_checkpoints must be >= 1; got 0"),
+    (["--data.eval_split", "train"], "--data.eval_split must be auto, val or test; got 'train'"),
+    (["--data.augment", "gpu"], "--data.augment must be per_image or batched; got 'gpu'"),
+    (["--run.checkpoint_every", "0"], "--run.checkpoint_every must be >= 1; got 0"),
 ])
 def test_bad_input_is_one_clear_line(args, message, capsys):
     assert main(args) == 2
@@ -161,6 +161,17 @@ def test_cli_help_lists_fields():
                          timeout=120)
     assert out.returncode == 0
     assert "--optim.lr" in out.stdout and "peak lr" in out.stdout and "--data.path" in out.stdout
+
+
+@pytest.mark.parametrize("model, dim, size", [("cpu_demo", 128, 32), ("vit_tiny", 192, 224)])
+def test_cli_help_of_the_demo_and_deit_ti_recipes(model, dim, size, capsys):
+    """`--model cpu_demo --help` shows the CPU demo's defaults, `--model vit_tiny --help` DeiT-Ti's."""
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", model, "--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0
+    assert f"--vit.dim INT  (default: {dim})" in out and f"--vit.img_size INT  (default: {size})" in out
+    assert f"--run.out_dir STR  (default: runs/{model})" in out
 
 
 def test_dali_backend_trains(tmp_path):

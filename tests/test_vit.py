@@ -94,6 +94,22 @@ def test_aliases_and_unknown_name():
         get_arch("vit_xl")
 
 
+def test_vit_tiny_recipe_is_deit_ti_and_cpu_demo_is_the_demo():
+    """`--model vit_tiny` is DeiT-Ti (ARCHS' sizes, 224 px, official views); `cpu_demo` is the 32 px CPU demo."""
+    from msn_fast.recipes import get_recipe
+
+    tiny, demo = get_recipe("vit_tiny"), get_recipe("cpu_demo")
+    arch = ARCHS["vit_tiny"]
+    assert (arch.dim, arch.depth, arch.heads, arch.patch_size) == (192, 12, 3, 16)  # DeiT-Ti
+    v = tiny.vit
+    assert (tiny.model, v.dim, v.depth, v.heads, v.patch_size, v.mlp_ratio) == ("vit_tiny", *vars(arch).values())
+    assert v.img_size == tiny.data.global_size == 224 and (tiny.data.focal_size, tiny.data.num_focal) == (96, 10)
+    assert tiny.run.out_dir == "runs/vit_tiny"
+    v = demo.vit
+    assert (demo.model, v.dim, v.depth, v.heads, v.patch_size, v.mlp_ratio) == ("cpu_demo", 128, 4, 4, 4, 2.0)
+    assert v.img_size == demo.data.global_size == 32 and demo.run.out_dir == "runs/cpu_demo"
+
+
 @pytest.mark.parametrize("impl", ["torch", "eager"])
 def test_attention_impls_agree(impl):
     torch.manual_seed(0)
@@ -170,7 +186,7 @@ def test_triton_attention_in_the_vit_matches_sdpa_training_steps():
     losses = {}
     g, f = torch.randn(2, 3, 3, 16, 16), torch.randn(1, 3, 3, 8, 8)
     for impl in ("torch", "triton"):
-        cfg = apply_overrides(get_recipe("vit_tiny"), args + ["--vit.attn_impl", impl])
+        cfg = apply_overrides(get_recipe("cpu_demo"), args + ["--vit.attn_impl", impl])
         torch.manual_seed(0)
         model = MSN(cfg)
         opt = torch.optim.AdamW(param_groups(model), lr=1e-3)

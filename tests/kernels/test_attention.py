@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, assert_flash_rule, assert_rounding_close, assert_within
 
+from msn_fast.kernels import attention_triton as attn_tri
 from msn_fast.kernels.attention import SUPPORTED_HEAD_DIMS, attention, attention_bwd, attention_fwd, attention_ref
 
 # In the interpreter, masked-off lanes of a load without `other=` read NaN (undefined on a GPU).
@@ -357,8 +358,8 @@ def test_zero_queries_launcher_zeroes_given_key_grad_buffers():
 @pytest.mark.parametrize("N,D,dtype", [(197, 64, torch.bfloat16), (37, 80, torch.float16)])
 def test_every_block_config(monkeypatch, N, D, dtype):
     """Each autotune config of the three kernels (the interpreter otherwise runs only the first)."""
-    kernels = (attn_mod._attention_fwd_kernel, attn_mod._attention_bwd_dkdv_kernel, attn_mod._attention_bwd_dq_kernel)
-    for configs in zip(attn_mod.FWD_CONFIGS, attn_mod.DKDV_CONFIGS, attn_mod.DQ_CONFIGS):
+    kernels = (attn_tri._attention_fwd_kernel, attn_tri._attention_bwd_dkdv_kernel, attn_tri._attention_bwd_dq_kernel)
+    for configs in zip(attn_tri.FWD_CONFIGS, attn_tri.DKDV_CONFIGS, attn_tri.DQ_CONFIGS):
         for kernel, config in zip(kernels, configs):
             monkeypatch.setattr(kernel, "configs", [config])
         q, k, v = (_rand((1, 2, N, D), dtype) for _ in range(3))
@@ -372,7 +373,7 @@ def test_autotune_pruning(monkeypatch):
     monkeypatch.setenv("MSN_FAST_AUTOTUNE", "1")
 
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m in (64, 128) for n in (32, 64, 128)]
-    prune = attn_mod._pruner("BLOCK_M", "BLOCK_N")["early_config_prune"]
+    prune = attn_tri._pruner("BLOCK_M", "BLOCK_N")["early_config_prune"]
     bf16 = torch.empty(1, dtype=torch.bfloat16)
     short = prune(configs, {"Q": bf16, "N_Q": 37, "N_KV": 37})
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in short} == {(64, 32), (64, 64)}
@@ -380,7 +381,7 @@ def test_autotune_pruning(monkeypatch):
     assert prune(configs, {"Q": torch.empty(1), "N_Q": 197, "N_KV": 197}) == configs[:1]  # fp32: one config
     monkeypatch.setenv("MSN_FAST_AUTOTUNE", "0")
     assert prune(configs, {"Q": bf16, "N_Q": 197, "N_KV": 1025}) == configs[:1]
-    assert len(attn_mod.FWD_CONFIGS) == len(attn_mod.DKDV_CONFIGS) == len(attn_mod.DQ_CONFIGS) == 6
+    assert len(attn_tri.FWD_CONFIGS) == len(attn_tri.DKDV_CONFIGS) == len(attn_tri.DQ_CONFIGS) == 6
 
 
 def test_custom_ops_pass_opcheck():

@@ -24,7 +24,7 @@ FAST = dict(targets=((8, 0), (9, 0)), head_dims=(64, 32), dtypes=("fp16", "bf16"
 KERNELS = (
     "attention_fwd", "attention_bwd_preprocess", "attention_bwd_dkdv", "attention_bwd_dq",
     "patch_embed_fwd", "patch_embed_bwd", "token_gather_fwd", "token_gather_bwd",
-    "l2norm_fwd", "l2norm_bwd", "target_probs", "prototype_loss_fwd", "prototype_loss_bwd",
+    "l2norm_fwd", "l2norm_bwd", "prototype_ce_fwd", "prototype_ce_bwd",
 )  # fmt: skip
 
 

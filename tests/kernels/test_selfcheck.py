@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from msn_fast.kernels import _utils, attention, embed_kept_patches, gather_tokens, msn_prototype_loss, selfcheck
+from msn_fast.kernels import _utils, attention, embed_kept_patches, gather_tokens, prototype_cross_entropy, selfcheck
+from msn_fast.loss import msn_loss
 
 if not (_utils.HAS_TRITON and (torch.cuda.is_available() or _utils.interpreting())):
     pytest.skip("needs Triton with a CUDA GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it)",
@@ -25,7 +26,7 @@ if not (_utils.HAS_TRITON and (torch.cuda.is_available() or _utils.interpreting(
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 attn_mod, patch_mod, gather_mod = (importlib.import_module(f"msn_fast.kernels.{m}") for m in
                                    ("attention", "patch_embed", "token_gather"))  # fmt: skip
-tri = importlib.import_module("msn_fast.kernels.prototype_loss_triton")
+tri = importlib.import_module("msn_fast.kernels.prototype_ce_triton")
 
 
 def _gather_inputs(d=48):
@@ -47,9 +48,16 @@ def _patch_inputs(d=40):
 
 
 def _loss_inputs(d=24):
+    """Arguments of the whole objective, msn_fast.loss.msn_loss, which calls prototype_cross_entropy."""
     return dict(anchor=torch.randn(3 * 10, d, device=DEVICE, requires_grad=True),
                 target=torch.randn(10, d, device=DEVICE),
                 prototypes=torch.randn(16, d, device=DEVICE, requires_grad=True), num_views=3, sinkhorn_iters=3)
+
+
+def _ce_inputs(d=24):
+    return dict(anchor=torch.randn(3 * 10, d, device=DEVICE, requires_grad=True),
+                prototypes=torch.randn(16, d, device=DEVICE, requires_grad=True),
+                targets=torch.softmax(4 * torch.randn(10, 16, device=DEVICE), dim=1), num_views=3)
 
 
 def _times(k: float):
@@ -74,9 +82,9 @@ CASES = {
     "embed_kept_patches": (embed_kept_patches, _patch_inputs, lambda out: out,
                            (patch_mod, "patch_embed_fwd", _times(1.5)),
                            (patch_mod, "patch_embed_bwd", lambda r: (r[0], _times(1.5)(r[1])))),
-    "msn_prototype_loss": (msn_prototype_loss, _loss_inputs, lambda out: out[0],
-                           (tri, "prototype_loss_fwd", lambda r: (r[0], r[1], r[2] * 1.5) + tuple(r[3:])),
-                           (tri, "l2norm_bwd", _times(1.5))),
+    "prototype_cross_entropy": (prototype_cross_entropy, _ce_inputs, lambda out: out[0],
+                                (tri, "prototype_ce_fwd", lambda r: (r[0] * 1.5,) + tuple(r[1:])),
+                                (tri, "l2norm_bwd", _times(1.5))),
 }  # fmt: skip
 
 
@@ -163,7 +171,7 @@ def test_a_broken_kernel_warns_once_and_auto_falls_back_to_torch(op, broken, che
     (w,) = [w for w in seen if issubclass(w.category, selfcheck.KernelSelfCheckWarning)]
     msg = str(w.message)
     assert f"Triton {op} " in msg and torch.__version__ in msg and _utils.triton.__version__ in msg, msg
-    named = {"compile": ["made up for the test"], "forward": ["out:", "loss:"], "nan": ["error inf"],
+    named = {"compile": ["made up for the test"], "forward": ["out:", "ce:"], "nan": ["error inf"],
              "backward": [f"d{k}:" for k in ref_grads]}
     assert any(s in msg for s in named[broken]), msg  # what was wrong: the exception, or the output over its bound
     # the torch path's result: same code, same inputs
@@ -229,7 +237,7 @@ def test_check_op_reports_and_never_raises_for_a_kernel_failure(monkeypatch):
         selfcheck.check_op("softmax", x=inputs["tokens"])
 
 
-# ---- the prototype loss: every rank takes the same path -------------------------------------------------
+# ---- the prototype cross-entropy inside the MSN loss: every rank takes the same path -------------------
 
 
 def _free_port() -> int:
@@ -244,14 +252,14 @@ def _rank(rank: int, port: int, results):
     try:
         _utils.AUTO_TRITON_ON_INTERPRETER = True
         if rank == 1:  # only this rank's kernel is wrong
-            real = tri.prototype_loss_fwd
-            tri.prototype_loss_fwd = lambda *a, **k: (lambda r: (r[0], r[1], r[2] * 1.5) + tuple(r[3:]))(real(*a, **k))
+            real = tri.prototype_ce_fwd
+            tri.prototype_ce_fwd = lambda *a, **k: (lambda r: (r[0] * 1.5,) + tuple(r[1:]))(real(*a, **k))
         torch.manual_seed(rank)
         inputs = _loss_inputs()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            got = _call("msn_prototype_loss", inputs, "auto")
-        ref = _call("msn_prototype_loss", inputs, "torch")
+            got = msn_loss(**inputs, backend="auto")[0]  # the loss passes its process group to the op
+        ref = msn_loss(**inputs, backend="torch")[0]
         warned = [str(w.message) for w in seen if issubclass(w.category, selfcheck.KernelSelfCheckWarning)]
         results[rank] = (torch.equal(got, ref), warned)
     finally:
@@ -259,12 +267,13 @@ def _rank(rank: int, port: int, results):
 
 
 def test_the_loss_decision_is_agreed_across_ranks():
-    """Rank 1's fused loss is wrong, rank 0's is right: both take the torch path (p̄ and Sinkhorn are
-    all-reduced, so mixing the two paths across ranks would be wrong), and rank 0 says why."""
+    """Rank 1's fused cross-entropy is wrong, rank 0's is right: both take the torch path (msn_fast.loss asks the
+    op to agree over its process group, so every rank runs the same code and rank 0, the one that logs, learns of
+    the failure), and rank 0 says why."""
     results = mp.Manager().dict()
     mp.spawn(_rank, args=(_free_port(), results), nprocs=2, join=True)
     for rank in (0, 1):
         same_as_torch, warned = results[rank]
         assert same_as_torch, f"rank {rank} did not take the torch path"
-        assert len(warned) == 1 and "msn_prototype_loss" in warned[0], warned
+        assert len(warned) == 1 and "prototype_cross_entropy" in warned[0], warned
     assert "another rank" in results[0][1][0] and "another rank" not in results[1][1][0]

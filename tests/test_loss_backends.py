@@ -1,11 +1,14 @@
-"""Fused MSN prototype loss (Triton) vs the eager reference: loss, statistics, ∂anchor, ∂prototypes.
+"""The MSN objective (msn_fast.loss.msn_loss) on the fused op vs its eager reference: loss, statistics, grads.
 
-On a CPU the kernels run in the Triton interpreter (tests/conftest.py). fp64 inputs run the kernels
-in fp64 and must match the reference to rounding; fp32 and bf16 inputs must be as close to the fp64
-reference as plain torch is (x2, plus a floor). A 2-process gloo run checks that the distributed
-p̄ and Sinkhorn sums reproduce one process holding the whole batch. `gpu` tests use MSN's shapes.
+backend="triton" runs the prototype cross-entropy's kernels (msn_fast.kernels.prototype_cross_entropy, tested
+on its own in tests/kernels/test_prototype_ce.py) inside the whole objective: targets, Sinkhorn, ME-MAX. On a
+CPU the kernels run in the Triton interpreter (tests/conftest.py). fp64 inputs run the kernels in fp64 and must
+match the reference to rounding; fp32 and bf16 inputs must be as close to the fp64 reference as plain torch is
+(x2, plus a floor). A 2-process gloo run checks that the distributed p̄ and Sinkhorn sums reproduce one process
+holding the whole batch. `gpu` tests use MSN's shapes.
 """
 
+import functools
 import math
 import os
 import re
@@ -16,10 +19,11 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import DEVICE, LOWP_FLOOR, assert_rounding_close, rounding_bound, seeded
+from conftest import DEVICE, LOWP_FLOOR, assert_rounding_close, raises_one_line, rel_err, rounding_bound, seeded
 
-from msn_fast.kernels import prototype_loss as pl
-from msn_fast.kernels import prototype_loss_triton as tri
+from msn_fast import loss as ml
+from msn_fast.kernels import prototype_ce as pce
+from msn_fast.kernels import prototype_ce_triton as tri
 
 F64 = torch.float64
 
@@ -44,21 +48,20 @@ def _run(fn, anchor, target, protos, grad_scale=0.7, **kw):
 
 
 def _triton(block_m=None):
-    def fn(a, t, p, num_views, sinkhorn_iters=0, tau=0.1, sharpen=0.25, me_max_weight=1.0):
-        return pl._msn_prototype_loss_triton(
-            a, t, p, num_views=num_views, tau=tau, sharpen=sharpen, me_max_weight=me_max_weight,
-            sinkhorn_iters=sinkhorn_iters, process_group=None, block_m=block_m,
-        )
+    """msn_loss on the fused op, its kernels at `block_m` rows per program (None: the launchers' choice; the
+    op keeps it for its backward)."""
+    fused = functools.partial(pce._prototype_cross_entropy_triton, block_m=block_m)
+
+    def fn(a, t, p, **kw):
+        with mock.patch.object(pce, "_prototype_cross_entropy_triton", fused):
+            return ml.msn_loss(a, t, p, **kw, backend="triton")
     return fn
 
 
 def _ref64(anchor, target, protos, **kw):
     """The reference objective, everything in float64."""
-    return _run(pl.msn_prototype_loss_ref, anchor.double(), target.double(), protos.double(), **kw)
+    return _run(ml.msn_loss_ref, anchor.double(), target.double(), protos.double(), **kw)
 
-
-def _rel_err(got, ref):
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def _loss_bound(rows, k, tau=0.1, dtype=F64):
@@ -75,7 +78,7 @@ def _errors(res, ref):
             abs(st.ce.item() - rst.ce.item()) / max(1.0, abs(rst.ce.item())),
             abs(st.me_max.item() - rst.me_max.item()),
             abs(st.max_target_prob.item() - rst.max_target_prob.item()),
-            _rel_err(da, rda), _rel_err(dp, rdp)]
+            rel_err(da, rda), rel_err(dp, rdp)]
 
 
 # (views, batch, K, d, sinkhorn iters, rows per program): row counts that do not divide the block,
@@ -111,7 +114,7 @@ def test_fp32_close_to_fp64_reference(views, batch, k, d, sk):
     anchor, target, protos = _inputs(views, batch, k, d, dtype=torch.float32)
     kw = dict(num_views=views, sinkhorn_iters=sk)
     got = _errors(_run(_triton(), anchor, target, protos, **kw), _ref64(anchor, target, protos, **kw))
-    eager = _errors(_run(pl.msn_prototype_loss_ref, anchor, target, protos, **kw), _ref64(anchor, target, protos, **kw))
+    eager = _errors(_run(ml.msn_loss_ref, anchor, target, protos, **kw), _ref64(anchor, target, protos, **kw))
     floor = _loss_bound(views * batch, k, dtype=torch.float32)
     for name, g, e in zip(("loss", "ce", "me_max", "max_target_prob", "d_anchor", "d_prototypes"), got, eager):
         assert g <= 2 * e + floor, (name, g, e, floor)
@@ -128,7 +131,7 @@ def test_low_precision_inputs(dtype, proto_dtype):
     loss, stats, da, dp = got = _run(_triton(), anchor, target, protos, **kw)
     assert loss.dtype == torch.float32 and da.dtype == dtype and dp.dtype == proto_dtype
     ref = _ref64(anchor, target, protos, **kw)  # the same bf16 values, upcast
-    eager = _errors(_run(pl.msn_prototype_loss_ref, anchor, target, protos, **kw), ref)
+    eager = _errors(_run(ml.msn_loss_ref, anchor, target, protos, **kw), ref)
     floor = LOWP_FLOOR[dtype]
     for name, g, e in zip(("loss", "ce", "me_max", "max_target_prob", "d_anchor", "d_prototypes"), _errors(got, ref),
                           eager):
@@ -160,17 +163,17 @@ def test_zero_anchor_row_and_partial_grads():
     kw = dict(num_views=2, sinkhorn_iters=0)
     got, ref = _run(_triton(8), anchor, target, protos, **kw), _ref64(anchor, target, protos, **kw)
     bound = _loss_bound(10, 64)
-    assert max(_errors(got, ref)[:4] + [_rel_err(got[3], ref[3])]) <= bound
+    assert max(_errors(got, ref)[:4] + [rel_err(got[3], ref[3])]) <= bound
     other = torch.arange(anchor.shape[0]) != 3
-    assert _rel_err(got[2][other], ref[2][other]) <= bound
-    assert _rel_err(got[2][3], ref[2][3]) < 1e-7  # the kernels' eps literal is fp32's nearest value to 1e-12
+    assert rel_err(got[2][other], ref[2][other]) <= bound
+    assert rel_err(got[2][3], ref[2][3]) < 1e-7  # the kernels' eps literal is fp32's nearest value to 1e-12
     assert ref[2][3].abs().max() > 1e6  # the gradient of x / eps
     # Other paths through the same maths (one grad requested, or none): equal up to rounding, not bits.
     only_p = protos.clone().requires_grad_()
     _triton(8)(anchor, target, only_p, **kw)[0].mul(0.7).backward()
-    assert _rel_err(only_p.grad, got[3]) <= bound
+    assert rel_err(only_p.grad, got[3]) <= bound
     with torch.no_grad():
-        loss, stats = pl.msn_prototype_loss(anchor.requires_grad_(), target, protos, **kw, backend="triton")
+        loss, stats = ml.msn_loss(anchor.requires_grad_(), target, protos, **kw, backend="triton")
     assert not loss.requires_grad
     assert_rounding_close(loss, got[0], F64, n=10 * 64, scale=10.0, name="no-grad loss")
 
@@ -178,11 +181,11 @@ def test_zero_anchor_row_and_partial_grads():
 def test_backend_switch_and_other_hyperparameters():
     anchor, target, protos = _inputs(2, 6, 64, 32)
     kw = dict(num_views=2, tau=0.2, sharpen=0.5, me_max_weight=5.0, sinkhorn_iters=2)
-    auto = _run(pl.msn_prototype_loss, anchor, target, protos, **kw)  # Triton on CUDA, torch on a CPU
-    same = _run(pl.msn_prototype_loss, anchor, target, protos, **kw, backend="triton" if anchor.is_cuda else "torch")
+    auto = _run(ml.msn_loss, anchor, target, protos, **kw)  # Triton on CUDA, torch on a CPU
+    same = _run(ml.msn_loss, anchor, target, protos, **kw, backend="triton" if anchor.is_cuda else "torch")
     torch.testing.assert_close(auto[2], same[2], atol=0, rtol=0)
     ref = _ref64(anchor, target, protos, **kw)
-    fused = _run(pl.msn_prototype_loss, anchor, target, protos, **kw, backend="triton")
+    fused = _run(ml.msn_loss, anchor, target, protos, **kw, backend="triton")
     bound = _loss_bound(12, 64, tau=0.2)
     assert max(_errors(fused, ref)) <= bound
     kw["me_max_weight"] = 0.0  # λ = 0: the ME-MAX term leaves the gradient but is still reported
@@ -204,14 +207,17 @@ def test_one_rows_by_k_tensor_saved_for_backward():
     fused = saved(_triton())
     rows_by_k = [t for t in fused if t.numel() >= views * batch * k]
     assert len(rows_by_k) == 1 and rows_by_k[0].shape == (views * batch, k)
-    assert sum(t.numel() for t in fused) == views * batch * k + k * d  # plus the normalised prototypes
-    eager = saved(pl.msn_prototype_loss_ref)
+    # Plus the normalised prototypes [K, d], the op's lse and rnorm [N], the targets [B, K] its backward reads,
+    # and ME-MAX's p̄ [K] (xlogy keeps it as both of its arguments).
+    n = views * batch
+    assert sum(t.numel() for t in fused) == n * k + k * d + 2 * n + batch * k + 2 * k
+    eager = saved(ml.msn_loss_ref)
     assert sum(t.numel() >= views * batch * k for t in eager) >= 2
 
 
 def test_input_errors():
     anchor, target, protos = _inputs(2, 3, 64, 32)
-    loss = pl.msn_prototype_loss
+    loss = ml.msn_loss
     with pytest.raises(ValueError, match="num_views"):
         loss(anchor, target, protos, num_views=3, backend="triton")
     with pytest.raises(ValueError, match="dims differ"):
@@ -229,12 +235,6 @@ def test_input_errors():
         _triton(block_m=3)(anchor, target, protos, num_views=2)
 
 
-
-def _raises_one_line(exc, match, fn):
-    """fn() raises exc whose message matches `match` and is a single line."""
-    with pytest.raises(exc, match=match) as err:
-        fn()
-    assert "\n" not in str(err.value), str(err.value)
 
 
 NAN, INF = float("nan"), float("inf")
@@ -263,8 +263,8 @@ def test_bad_hyperparameters_raise_before_dispatch(case, backend):
     name, value, rule = BAD_SCALARS[case]
     anchor, target, protos = _inputs(2, 3, 16, 8)
     kw = {"num_views": 2, name: value}
-    _raises_one_line(ValueError, rf"msn_prototype_loss: {name} must be an? {rule}; got {re.escape(repr(value))}$",
-                     lambda: pl.msn_prototype_loss(anchor, target, protos, backend=backend, **kw))  # fmt: skip
+    raises_one_line(ValueError, rf"msn_loss: {name} must be an? {rule}; got {re.escape(repr(value))}$",
+                     lambda: ml.msn_loss(anchor, target, protos, backend=backend, **kw))  # fmt: skip
 
 
 # (anchor rows, target rows, prototypes, embedding dim) -> what the message names.
@@ -282,8 +282,8 @@ BAD_SHAPES = {
 def test_bad_shapes_raise_alike(case, backend):
     a_shape, t_shape, p_shape, match = BAD_SHAPES[case]
     anchor, target, protos = (torch.randn(s, dtype=F64, device=DEVICE) for s in (a_shape, t_shape, p_shape))
-    _raises_one_line(ValueError, "msn_prototype_loss: " + match,
-                     lambda: pl.msn_prototype_loss(anchor, target, protos, num_views=2, backend=backend))  # fmt: skip
+    raises_one_line(ValueError, "msn_loss: " + match,
+                     lambda: ml.msn_loss(anchor, target, protos, num_views=2, backend=backend))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ two processes, gloo
@@ -293,7 +293,7 @@ import os, sys
 import torch, torch.distributed as dist
 rank, world, port, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-from msn_fast.kernels import prototype_loss as pl
+from msn_fast import loss as ml
 inp = torch.load(os.path.join(folder, "inputs.pt"))
 views, b = inp["views"], inp["target"].shape[0] // world
 target = inp["target"][rank * b:(rank + 1) * b]
@@ -302,10 +302,10 @@ out = {}
 for sk in (0, 3):
     for backend in ("triton", "torch"):
         a, p = anchor.clone().requires_grad_(), inp["protos"].clone().requires_grad_()
-        loss, st = pl.msn_prototype_loss(a, target, p, num_views=views, sinkhorn_iters=sk, backend=backend)
+        loss, st = ml.msn_loss(a, target, p, num_views=views, sinkhorn_iters=sk, backend=backend)
         loss.backward()
         out[(sk, backend)] = (loss.detach(), st.ce, st.me_max, st.max_target_prob, a.grad, p.grad)
-    out[("q", sk)] = pl.target_probs(target, inp["protos"], 0.1, 0.25, sk, None)
+    out[("q", sk)] = ml.target_probs(target, inp["protos"], 0.1, 0.25, sk, None)
 torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
 print(f"RESULT rank={rank} ok", flush=True)
 dist.barrier()
@@ -345,11 +345,11 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     tol = _loss_bound(views * world * b, k)  # other summation orders across ranks: rounding, not bits
     close = dict(atol=tol, rtol=tol)
     for sk in (0, 3):
-        q_single = pl.target_probs(target, protos, 0.1, 0.25, sk, None)
+        q_single = ml.target_probs(target, protos, 0.1, 0.25, sk, None)
         for r in range(world):
             torch.testing.assert_close(ranks[r][("q", sk)], q_single[r * b:(r + 1) * b], **close)
         for backend in ("triton", "torch"):
-            single = _run(pl.msn_prototype_loss, anchor, target, protos, grad_scale=1.0, num_views=views,
+            single = _run(ml.msn_loss, anchor, target, protos, grad_scale=1.0, num_views=views,
                           sinkhorn_iters=sk, backend=backend)
             loss, ce, me_max, max_t, da, dp = (torch.stack([rk[(sk, backend)][i] for rk in ranks]) for i in range(6))
             torch.testing.assert_close(loss.mean(), single[0], **close)
@@ -375,14 +375,14 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 def test_gpu_real_shapes(name, views, batch, sk):
     anchor, target, protos = _inputs(views, batch, 1024, 256, dtype=torch.bfloat16, proto_dtype=torch.float32)
     kw = dict(num_views=views, sinkhorn_iters=sk)
-    got = _run(pl.msn_prototype_loss, anchor, target, protos, **kw, backend="triton")
+    got = _run(ml.msn_loss, anchor, target, protos, **kw, backend="triton")
     ref = _ref64(anchor, target, protos, **kw)
-    eager = _errors(_run(pl.msn_prototype_loss_ref, anchor, target, protos, **kw), ref)
+    eager = _errors(_run(ml.msn_loss_ref, anchor, target, protos, **kw), ref)
     for g, e in zip(_errors(got, ref), eager):
         assert g <= 2 * e + LOWP_FLOOR[torch.bfloat16], (name, g, e)
     a32, t32, p32 = anchor.float(), target.float(), protos
-    got32 = _errors(_run(pl.msn_prototype_loss, a32, t32, p32, **kw, backend="triton"), ref)
-    eager32 = _errors(_run(pl.msn_prototype_loss_ref, a32, t32, p32, **kw), ref)
+    got32 = _errors(_run(ml.msn_loss, a32, t32, p32, **kw, backend="triton"), ref)
+    eager32 = _errors(_run(ml.msn_loss_ref, a32, t32, p32, **kw), ref)
     for g, e in zip(got32, eager32):  # fp32 GEMMs: cuBLAS in both paths; allow for the kernels' own rounding
         assert g <= 2 * e + 1e-4, (name, g, e)
     assert math.isfinite(got[0].item())

@@ -1,0 +1,64 @@
+"""FLOPs of one training step per image, and the peaks of common GPUs: the two halves of MFU.
+
+The closed form counts the ViT blocks' matmuls from the config alone (no model, no device), so the trainer's
+log line (metrics.StepLogger), `python -m msn_fast.check` (its rooflines and step MFU) and the benchmarks use
+one count; tests/test_flops.py checks it against torch's FlopCounterMode. The peak table names the GPU by a
+substring of its device name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+from .masking import num_kept
+
+# Dense bf16 peak (FLOP/s; torchtitan's table) and memory bandwidth (B/s; vendor datasheets, SXM parts) of
+# common GPUs, for MFU and the kernel rooflines of `python -m msn_fast.check`.
+GPU_PEAKS: dict[str, tuple[float, float]] = {
+    "H200": (989e12, 4.8e12),
+    "H100": (989e12, 3.35e12),
+    "A100": (312e12, 2.0e12),
+    "B200": (2.25e15, 8.0e12),
+    "L40S": (362e12, 0.864e12),
+    "A10": (125e12, 0.6e12),
+}
+
+
+def tokens_per_image(cfg: Config) -> tuple[int, int, int]:
+    """(target, masked anchor, all focal) tokens per image, CLS included; the anchor keeps masking.num_kept."""
+    v, d = cfg.vit, cfg.data
+    n = (d.global_size // v.patch_size) ** 2
+    return 1 + n, 1 + num_kept(n, cfg.mask.ratio), d.num_focal * (1 + (d.focal_size // v.patch_size) ** 2)
+
+
+def step_flops_per_image(cfg: Config) -> float:
+    """Closed-form FLOPs of one training step per image: target forward + student forward and backward (3x).
+
+    Per block and token: 2·(4 + 2·mlp_ratio)·D² for the linears, 4·n·D for attention over n tokens.
+    Patch embedding, head and loss are excluded (a few % at most).
+    """
+    v = cfg.vit
+    linear = 2 * (4 + 2 * v.mlp_ratio) * v.dim**2
+
+    def fwd(n_tokens: int, per_view: int) -> float:
+        return v.depth * n_tokens * (linear + 4 * per_view * v.dim)
+
+    t, a, f = tokens_per_image(cfg)
+    focal_len = f // max(1, cfg.data.num_focal)
+    return fwd(t, t) + 3 * (fwd(a, a) + (fwd(f, focal_len) if f else 0.0))
+
+
+def gpu_peaks(name: str) -> tuple[float, float] | None:
+    """(dense bf16 FLOP/s, bytes/s) of the GPU whose device name ("NVIDIA H200") holds a GPU_PEAKS key, or None.
+    Longer keys are tried first, so an "A100" is never taken for an "A10"."""
+    key = next((k for k in sorted(GPU_PEAKS, key=len, reverse=True) if k in name), None)
+    return None if key is None else GPU_PEAKS[key]
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 FLOP/s of `device`, or None off CUDA or for a GPU the table does not know (no MFU then)."""
+    if device.type != "cuda":
+        return None
+    peaks = gpu_peaks(torch.cuda.get_device_name(device))
+    return None if peaks is None else peaks[0]
