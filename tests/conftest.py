@@ -6,6 +6,7 @@ function is decorated), so it is set here, at the top, on machines without CUDA.
 
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -105,6 +106,32 @@ def raises_one_line(exc: type[BaseException], match: str, fn) -> None:
     with pytest.raises(exc, match=match) as err:
         fn()
     assert "\n" not in str(err.value), str(err.value)
+
+
+# The bad scalars every prototype-loss entry point refuses by name (msn_fast.loss.msn_loss adds its own):
+# case -> (argument, value, rule in the message). Each gave NaN (torch) or a ZeroDivisionError (Triton).
+BAD_TAU_AND_VIEWS = {
+    "tau_zero": ("tau", 0.0, "finite number > 0"),
+    "tau_negative": ("tau", -0.1, "finite number > 0"),
+    "tau_nan": ("tau", float("nan"), "finite number > 0"),
+    "tau_inf": ("tau", float("inf"), "finite number > 0"),
+    "views_zero": ("num_views", 0, "integer >= 1"),
+    "views_float": ("num_views", 2.0, "integer >= 1"),
+}
+
+
+def raises_bad_scalar(op: str, case: tuple, call) -> None:
+    """call(**{name: value}) raises the one-line ValueError `<op>: <name> must be a(n) <rule>; got <value>`, for a
+    case (name, value, rule) of a table such as BAD_TAU_AND_VIEWS."""
+    name, value, rule = case
+    raises_one_line(ValueError, rf"{op}: {name} must be an? {rule}; got {re.escape(repr(value))}$",
+                    lambda: call(**{name: value}))
+
+
+def raises_bad_shapes(op: str, shapes: tuple, match: str, call) -> None:
+    """call(*tensors of these shapes) raises a one-line ValueError `<op>: <match>`."""
+    tensors = [torch.randn(s, dtype=torch.float64, device=DEVICE) for s in shapes]
+    raises_one_line(ValueError, f"{op}: " + match, lambda: call(*tensors))
 
 
 def seeded(offset: int = 0) -> int:

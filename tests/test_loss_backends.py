@@ -11,7 +11,6 @@ holding the whole batch. `gpu` tests use MSN's shapes.
 import functools
 import math
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -19,7 +18,17 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import DEVICE, LOWP_FLOOR, assert_rounding_close, raises_one_line, rel_err, rounding_bound, seeded
+from conftest import (
+    BAD_TAU_AND_VIEWS,
+    DEVICE,
+    LOWP_FLOOR,
+    assert_rounding_close,
+    raises_bad_scalar,
+    raises_bad_shapes,
+    rel_err,
+    rounding_bound,
+    seeded,
+)
 
 from msn_fast import loss as ml
 from msn_fast.kernels import prototype_ce as pce
@@ -240,10 +249,7 @@ def test_input_errors():
 NAN, INF = float("nan"), float("inf")
 # Each bad scalar gave NaN (torch) or a ZeroDivisionError (Triton), or a loss for a nonsensical value.
 BAD_SCALARS = {
-    "tau_zero": ("tau", 0.0, "finite number > 0"),
-    "tau_negative": ("tau", -0.1, "finite number > 0"),
-    "tau_nan": ("tau", NAN, "finite number > 0"),
-    "tau_inf": ("tau", INF, "finite number > 0"),
+    **BAD_TAU_AND_VIEWS,
     "sharpen_zero": ("sharpen", 0.0, "finite number > 0"),
     "sharpen_negative": ("sharpen", -0.25, "finite number > 0"),
     "sharpen_nan": ("sharpen", NAN, "finite number > 0"),
@@ -252,19 +258,15 @@ BAD_SCALARS = {
     "me_max_inf": ("me_max_weight", -INF, "finite number"),
     "sinkhorn_negative": ("sinkhorn_iters", -1, "integer >= 0"),
     "sinkhorn_float": ("sinkhorn_iters", 1.5, "integer >= 0"),
-    "views_zero": ("num_views", 0, "integer >= 1"),
-    "views_float": ("num_views", 2.0, "integer >= 1"),
 }
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
 @pytest.mark.parametrize("case", list(BAD_SCALARS))
 def test_bad_hyperparameters_raise_before_dispatch(case, backend):
-    name, value, rule = BAD_SCALARS[case]
     anchor, target, protos = _inputs(2, 3, 16, 8)
-    kw = {"num_views": 2, name: value}
-    raises_one_line(ValueError, rf"msn_loss: {name} must be an? {rule}; got {re.escape(repr(value))}$",
-                     lambda: ml.msn_loss(anchor, target, protos, backend=backend, **kw))  # fmt: skip
+    raises_bad_scalar("msn_loss", BAD_SCALARS[case], lambda **kw: ml.msn_loss(
+        anchor, target, protos, backend=backend, **{"num_views": 2, **kw}))
 
 
 # (anchor rows, target rows, prototypes, embedding dim) -> what the message names.
@@ -280,10 +282,8 @@ BAD_SHAPES = {
 @pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
 @pytest.mark.parametrize("case", list(BAD_SHAPES))
 def test_bad_shapes_raise_alike(case, backend):
-    a_shape, t_shape, p_shape, match = BAD_SHAPES[case]
-    anchor, target, protos = (torch.randn(s, dtype=F64, device=DEVICE) for s in (a_shape, t_shape, p_shape))
-    raises_one_line(ValueError, "msn_loss: " + match,
-                     lambda: ml.msn_loss(anchor, target, protos, num_views=2, backend=backend))  # fmt: skip
+    *shapes, match = BAD_SHAPES[case]  # (anchor, target, prototypes)
+    raises_bad_shapes("msn_loss", shapes, match, lambda a, t, p: ml.msn_loss(a, t, p, num_views=2, backend=backend))
 
 
 # ------------------------------------------------------------------------------------ two processes, gloo

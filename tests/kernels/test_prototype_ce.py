@@ -7,13 +7,22 @@ rounding; fp32 and 16-bit inputs must be as close to it as plain torch is (x2, p
 objective around this op is tested in tests/test_loss_backends.py. `gpu` tests use MSN's shapes.
 """
 
-import re
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, LOWP_FLOOR, assert_rounding_close, raises_one_line, rel_err, rounding_bound, seeded
+from conftest import (
+    BAD_TAU_AND_VIEWS,
+    DEVICE,
+    LOWP_FLOOR,
+    assert_rounding_close,
+    raises_bad_scalar,
+    raises_bad_shapes,
+    rel_err,
+    rounding_bound,
+    seeded,
+)
 
 from msn_fast.kernels import prototype_ce as pce
 from msn_fast.kernels import prototype_ce_triton as tri
@@ -248,25 +257,15 @@ def test_input_errors():
 
 
 
-NAN, INF = float("nan"), float("inf")
-BAD_SCALARS = {
-    "tau_zero": ("tau", 0.0, "finite number > 0"),
-    "tau_negative": ("tau", -0.1, "finite number > 0"),
-    "tau_nan": ("tau", NAN, "finite number > 0"),
-    "tau_inf": ("tau", INF, "finite number > 0"),
-    "views_zero": ("num_views", 0, "integer >= 1"),
-    "views_float": ("num_views", 2.0, "integer >= 1"),
-}
+BAD_SCALARS = BAD_TAU_AND_VIEWS
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
 @pytest.mark.parametrize("case", list(BAD_SCALARS))
 def test_bad_scalars_raise_before_dispatch(case, backend):
-    name, value, rule = BAD_SCALARS[case]
     anchor, protos, targets = _inputs(2, 3, 16, 8)
-    kw = {"num_views": 2, name: value}
-    raises_one_line(ValueError, rf"prototype_cross_entropy: {name} must be an? {rule}; got {re.escape(repr(value))}$",
-                     lambda: pce.prototype_cross_entropy(anchor, protos, targets, backend=backend, **kw))  # fmt: skip
+    raises_bad_scalar(pce.OP, BAD_SCALARS[case], lambda **kw: pce.prototype_cross_entropy(
+        anchor, protos, targets, backend=backend, **{"num_views": 2, **kw}))
 
 
 # (anchor, prototypes, targets) shapes -> what the message names.
@@ -283,10 +282,9 @@ BAD_SHAPES = {
 @pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
 @pytest.mark.parametrize("case", list(BAD_SHAPES))
 def test_bad_shapes_raise_alike(case, backend):
-    a_shape, p_shape, t_shape, match = BAD_SHAPES[case]
-    anchor, protos, targets = (torch.randn(s, dtype=F64, device=DEVICE) for s in (a_shape, p_shape, t_shape))
-    raises_one_line(ValueError, "prototype_cross_entropy: " + match,
-                     lambda: pce.prototype_cross_entropy(anchor, protos, targets, num_views=2, backend=backend))
+    *shapes, match = BAD_SHAPES[case]  # (anchor, prototypes, targets)
+    raises_bad_shapes(pce.OP, shapes, match, lambda a, p, t: pce.prototype_cross_entropy(
+        a, p, t, num_views=2, backend=backend))
 
 
 @pytest.mark.gpu
