@@ -100,10 +100,7 @@ def test_batched_vs_per_image_augmentation(benchmark, source, timer, bench_repor
     from msn_fast.recipes import get_recipe
 
     if recipe_name == "cpu_demo":
-        d = get_recipe("cpu_demo").data
-        recipe = ViewRecipe(global_size=d.global_size, focal_size=d.focal_size, num_focal=d.num_focal,
-                            global_scale=d.global_scale, focal_scale=d.focal_scale, color_jitter=d.color_jitter,
-                            blur_prob=d.blur_prob)
+        recipe = get_recipe("cpu_demo").data  # a DataConfig is a ViewRecipe
         if (CIFAR / "test").is_dir():
             files = sorted(str(p.relative_to(CIFAR / "test")) for p in (CIFAR / "test").rglob("*.jpg"))[::10]
             src, what = ImageFolder(CIFAR / "test", files=files), "cifar10 test (every 10th image)"

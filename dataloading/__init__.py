@@ -28,16 +28,27 @@ if __name__ != "msn_fast.dataloading":
     def __getattr__(name: str):
         raise AttributeError(f"{__name__!r} is msn-fast's dataloading/ folder: import msn_fast.dataloading instead")
 else:
-    from .batched_views import batched_views
-    from .dali import DaliMultiViewLoader, build_dali_loader, dali_available
-    from .loader import MultiViewBatch, MultiViewLoader, ShardedSampler, build_loader, collate
-    from .shards import ShardLoader, ShardSet, build_shard_loader, open_shards, write_shards
-    from .sources import DataError, Digits, ImageFolder, load_image, read_image, to_rgb
-    from .views import IMAGENET_MEAN, IMAGENET_STD, MultiViewTransform, ViewRecipe, eval_transform
+    # Imported on first use (PEP 562), so that a module that needs one light piece, such as msn_fast's config
+    # taking ViewRecipe from .recipe, does not load PIL, torchvision and every loader.
+    _EXPORTS = {
+        "batched_views": "batched_views",
+        "DaliMultiViewLoader": "dali", "build_dali_loader": "dali", "dali_available": "dali",
+        "MultiViewBatch": "loader", "MultiViewLoader": "loader", "ShardedSampler": "loader", "build_loader": "loader",
+        "collate": "loader",
+        "ViewRecipe": "recipe",
+        "ShardLoader": "shards", "ShardSet": "shards", "build_shard_loader": "shards", "open_shards": "shards",
+        "write_shards": "shards",
+        "DataError": "sources", "Digits": "sources", "ImageFolder": "sources", "load_image": "sources",
+        "read_image": "sources", "to_rgb": "sources",
+        "IMAGENET_MEAN": "views", "IMAGENET_STD": "views", "MultiViewTransform": "views", "eval_transform": "views",
+    }
+    __all__ = list(_EXPORTS)
 
-    __all__ = [
-        "MultiViewBatch", "MultiViewLoader", "ShardedSampler", "build_loader", "collate", "DataError", "Digits",
-        "ImageFolder", "load_image", "read_image", "to_rgb", "IMAGENET_MEAN", "IMAGENET_STD", "MultiViewTransform",
-        "ViewRecipe", "eval_transform", "DaliMultiViewLoader", "build_dali_loader", "dali_available", "batched_views",
-        "ShardLoader", "ShardSet", "build_shard_loader", "open_shards", "write_shards",
-    ]
+    def __getattr__(name: str):
+        if name not in _EXPORTS:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .params import view_params
-from .views import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe
+from .recipe import ViewRecipe
+from .views import IMAGENET_MEAN, IMAGENET_STD
 
 BLUR_RADIUS = math.ceil(3 * 2.0)
 """Taps each side of the blur kernel: 3 sigma at the recipe's largest sigma (2), the same for every batch, so a

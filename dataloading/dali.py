@@ -52,8 +52,9 @@ from PIL import Image
 
 from .loader import MAX_REPLACEMENTS, MultiViewBatch, ShardedSampler, exhausted_message, replacements
 from .params import _NPARAM, RATIO, uniforms, view_params  # noqa: F401  (RATIO: importable from here as before)
+from .recipe import ViewRecipe
 from .sources import DataError, ImageFolder, read_image
-from .views import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe
+from .views import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ why write_shards writes in a seeded random order (unless --no-shuffle). Indexes:
 (shards.ensure_index builds a missing one), or, in a read-only shard folder, one in cache_dir() ($XDG_CACHE_HOME
 or ~/.cache, then msn_fast/wds-index).
 
-Views (views.py's recipe, msn_spec.md §6): one decode per sample, then per view a random resized crop (area in the
+Views (recipe.py and views.py, msn_spec.md §6): one decode per sample, then per view a random resized crop (area in the
 recipe's scale, aspect 3/4..4/3, bilinear, antialiased) -> with p 0.8 brightness and contrast about the grey mean
 (PIL's rule), saturation and hue (`hsv`; torchvision's hue fraction x 360 degrees) -> grey with p 0.2 (`hsv`
 saturation 0: PIL's ITU-R 601 luma) -> Gaussian blur with p blur_prob, sigma U(0.1, 2) -> normalise, with the
@@ -55,9 +55,10 @@ from PIL import Image
 from .dali import dali_available, views_to_torch
 from .loader import MultiViewBatch
 from .params import RATIO
+from .recipe import ViewRecipe
 from .shards import IMAGE_EXTS, SHUFFLE_BUFFER, ShardSet, ensure_index, scan_tar, write_index
 from .sources import DataError, read_image
-from .views import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe
+from .views import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 

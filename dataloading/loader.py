@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .recipe import ViewRecipe
 from .sources import DataError
-from .views import MultiViewTransform, ViewRecipe
+from .views import MultiViewTransform
 
 log = logging.getLogger(__name__)
 

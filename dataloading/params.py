@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .views import ViewRecipe
+from .recipe import ViewRecipe
 
 RATIO = (3 / 4, 4 / 3)
 _NPARAM = 10  # per view: roi start, roi end, jitter?, brightness, contrast, colour?, hue, saturation, blur?, sigma

@@ -37,8 +37,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .loader import MultiViewBatch, Unusable, _ignore_sigint, collate, note_unreadable
+from .recipe import ViewRecipe
 from .sources import IMAGE_EXTENSIONS, DataError, ImageFolder, read_image
-from .views import MultiViewTransform, ViewRecipe
+from .views import MultiViewTransform
 
 log = logging.getLogger(__name__)
 

@@ -193,9 +193,11 @@ def calculate_settings(
     power of two, at most `max_cols` (a power of two: wider rows take a grid axis over column tiles, and a
     kernel that needs whole rows checks n_cols itself); BLOCK_M packs rows (at most next_power_of_2(n_rows))
     until a program holds about `elems` elements. num_warps leaves each thread about `per_thread` of them
-    (8: the Triton tutorials' ratio, 1024-element blocks on 4 warps), within 4-16 warps. The gathers pass
-    the per-thread counts their launch settings had before this function served them (4 warps), as no GPU
-    timing has yet said that more warps pay.
+    (8: the Triton tutorials' ratio, 1024-element blocks on 4 warps), within 4-16 warps. The token gather passes
+    the per-thread count its launch settings had before this function served it (4 warps), as no GPU timing has
+    yet said that more warps pay. Kernels with other constraints keep their own: the patch GEMM's tl.dot tile and
+    the im2col's 32-row programs (patch_embed.py), and the prototype cross-entropy's whole-row tiles with a larger
+    budget under the interpreter (prototype_ce_triton.py `_tile`).
     """
     block_cols = min(next_power_of_2(n_cols), max_cols)
     block_m = max(1, elems // block_cols)

@@ -79,8 +79,9 @@ class PrototypeCrossEntropyFunction(torch.autograd.Function):
 
     Forward: normalise the prototypes; cuBLAS raw logits a @ p̂ᵀ; the row kernel (scaled logits in place, lse,
     rnorm, partial sums of the CE and of p). Saved: that fp32 buffer (the only [N, K] tensor), lse and rnorm [N],
-    p̂ [K, d], and the inputs. Backward: the row kernel overwrites the buffer with ∂L/∂s · rnorm/τ (so the graph
-    is single-use: a second backward raises), then ds @ p̂ and dsᵀ @ a (cuBLAS) and the L2-normalise backwards.
+    p̂ [K, d], and the inputs. Backward: the row kernel overwrites the buffer with ∂L/∂s · rnorm/τ (a second
+    backward through the graph, retain_graph=True, first recomputes the buffer from the saved inputs), then
+    ds @ p̂ and dsᵀ @ a (cuBLAS) and the L2-normalise backwards.
     """
 
     @staticmethod
@@ -96,11 +97,11 @@ class PrototypeCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ce, grad_mean):
-        if ctx.spent:
-            raise RuntimeError(f"{OP}: backward ran twice through one graph, whose logits buffer now holds the "
-                               "gradient; run the forward again instead of retain_graph=True")
-        ctx.spent = True
         anchor, prototypes, targets, protos, ds, lse, rnorm = ctx.saved_tensors
+        if ctx.spent:  # a second backward (retain_graph=True): the saved buffer holds the last gradient; rebuild it
+            ds = anchor.to(protos.dtype) @ protos.t()
+            tri.prototype_ce_fwd(ds, anchor, targets, 1.0 / ctx.tau, ctx.block_m)
+        ctx.spent = True
         acc = ds.dtype
         tri.prototype_ce_bwd(ds, lse, rnorm, targets, grad_ce.to(acc), grad_mean.to(acc).contiguous(), ctx.tau,
                              ctx.block_m)  # ds: (N, K) ∂L/∂s · rnorm_i / τ from here on

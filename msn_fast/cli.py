@@ -109,7 +109,7 @@ def _module_docstrings(module_name: str) -> dict[str, str]:
 
 def _field_doc(cls: type, name: str) -> str | None:
     """The docstring of field `name` of `cls`, found where it is declared: in config.py, or for DataConfig's view
-    fields in dataloading/views.py (ViewRecipe, its base)."""
+    fields in dataloading/recipe.py (ViewRecipe, its base)."""
     for klass in cls.__mro__:
         if klass is not object and klass.__module__ in sys.modules:
             doc = _module_docstrings(klass.__module__).get(f"{klass.__name__}.{name}")

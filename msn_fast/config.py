@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from msn_fast.dataloading.views import ViewRecipe
+from msn_fast.dataloading.recipe import ViewRecipe
 
 
 def _require(ok: bool, flag: str, rule: str, value) -> None:
@@ -100,7 +100,7 @@ class MaskConfig:
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig(ViewRecipe):
-    """The data, and the views' fields inherited from ViewRecipe (dataloading/views.py): global_size, focal_size,
+    """The data, and the views' fields inherited from ViewRecipe (dataloading/recipe.py): global_size, focal_size,
     num_focal, global_scale, focal_scale, color_jitter, blur_prob. cfg.data is what the loaders take as the
     recipe, so the view parameters are defined once."""
 

@@ -30,7 +30,7 @@ class ViTArch:
 
 
 ARCHS: dict[str, ViTArch] = {
-    "vit_tiny": ViTArch(dim=192, depth=12, heads=3, patch_size=16),  # DeiT-Ti, for CPUs and tests
+    "vit_tiny": ViTArch(dim=192, depth=12, heads=3, patch_size=16),  # DeiT-Ti
     "vit_s16": ViTArch(dim=384, depth=12, heads=6, patch_size=16),
     "vit_b16": ViTArch(dim=768, depth=12, heads=12, patch_size=16),
     "vit_b8": ViTArch(dim=768, depth=12, heads=12, patch_size=8),

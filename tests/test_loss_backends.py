@@ -96,10 +96,10 @@ CASES = [
     (1, 7, 64, 32, 0, 4),
     (1, 7, 64, 32, 3, 4),
     (11, 3, 64, 40, 0, 8),
-    (11, 7, 64, 40, 3, 16),  # 77 rows > K: the CE sum in the statistics takes two chunks
+    (11, 7, 64, 40, 3, 16),  # 77 rows in blocks of 16: a partial last block
     (11, 5, 1024, 48, 0, None),
     (11, 5, 1024, 48, 3, 16),
-    (1, 20, 1024, 24, 3, 8),  # 20 targets: two chunks in the statistics, Sinkhorn over three row blocks
+    (1, 20, 1024, 24, 3, 8),  # 20 targets (Sinkhorn and the statistics are torch on both paths)
     (3, 4, 37, 24, 3, 2),
 ]
 
@@ -155,7 +155,7 @@ def test_poisoned_buffers_are_fully_written():
     clean = _run(_triton(block_m=4), anchor, target, protos, **kw)
 
     def poisoned(shape, dtype, device):
-        fill = float("nan") if dtype.is_floating_point else 10**9  # an unwritten argmax matches no prototype
+        fill = float("nan") if dtype.is_floating_point else 10**9  # an unwritten element shows
         return torch.full(shape, fill, dtype=dtype, device=device)
 
     with mock.patch.object(tri, "_empty", poisoned):

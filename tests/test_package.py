@@ -39,6 +39,19 @@ def test_kernels_import_without_the_rest(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
+def test_config_imports_no_image_library(tmp_path):
+    """msn_fast.config (and so the model and the weight export) takes ViewRecipe from dataloading's stdlib-only
+    recipe module: no PIL, torchvision or loader comes with it."""
+    code = (
+        "import sys; import msn_fast.config, msn_fast.model;"
+        "bad = [m for m in ('PIL', 'torchvision', 'sklearn', 'msn_fast.dataloading.loader') if m in sys.modules];"
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_regular_wheel_layout(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
                           str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)

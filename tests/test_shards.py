@@ -16,6 +16,7 @@ from PIL import Image
 pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (pip install -e .[dev])")
 
 from msn_fast.dataloading import DataError  # noqa: E402
+from msn_fast.dataloading.recipe import ViewRecipe  # noqa: E402
 from msn_fast.dataloading.shards import (  # noqa: E402
     ShardLoader,
     ensure_index,
@@ -24,7 +25,6 @@ from msn_fast.dataloading.shards import (  # noqa: E402
     open_shards,
     write_shards,
 )
-from msn_fast.dataloading.views import ViewRecipe  # noqa: E402
 
 RECIPE = ViewRecipe(global_size=16, focal_size=8, num_focal=2)
 
