@@ -27,29 +27,25 @@ def test_imports_from_outside_the_source_tree(tmp_path):
     assert out.stdout.split() == ["msn_fast.kernels", "msn_fast.dataloading"]
 
 
+def _modules_loaded_by(imports: str, forbidden: tuple[str, ...], cwd: Path) -> str:
+    """Which of `forbidden` a fresh interpreter has in sys.modules after `import <imports>` (printed as a list)."""
+    code = f"import sys; import {imports}; print([m for m in {forbidden!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 def test_kernels_import_without_the_rest(tmp_path):
     """msn_fast.kernels needs only torch and triton: importing it must not pull in sklearn, PIL or torchvision."""
-    code = (
-        "import sys; import msn_fast.kernels;"
-        "bad = [m for m in ('sklearn', 'PIL', 'torchvision', 'msn_fast.dataloading') if m in sys.modules];"
-        "print(bad)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert _modules_loaded_by("msn_fast.kernels", ("sklearn", "PIL", "torchvision", "msn_fast.dataloading"),
+                              tmp_path) == "[]"
 
 
 def test_config_imports_no_image_library(tmp_path):
     """msn_fast.config (and so the model and the weight export) takes ViewRecipe from dataloading's stdlib-only
     recipe module: no PIL, torchvision or loader comes with it."""
-    code = (
-        "import sys; import msn_fast.config, msn_fast.model;"
-        "bad = [m for m in ('PIL', 'torchvision', 'sklearn', 'msn_fast.dataloading.loader') if m in sys.modules];"
-        "print(bad)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert _modules_loaded_by("msn_fast.config, msn_fast.model",
+                              ("PIL", "torchvision", "sklearn", "msn_fast.dataloading.loader"), tmp_path) == "[]"
 
 
 def test_regular_wheel_layout(tmp_path):
