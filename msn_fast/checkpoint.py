@@ -40,6 +40,8 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .distributed import world_size
+
 log = logging.getLogger(__name__)
 
 FORMAT = "msn-fast/2"
@@ -54,10 +56,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -66,7 +64,7 @@ def _barrier() -> None:
 def on_rank0(fn):
     """fn() run by rank 0 alone, its result (or CheckpointError) given to every process, so that all take the
     same path even where they would see a shared file system differently (NFS attribute caches)."""
-    if _world() == 1:
+    if world_size() == 1:
         return fn()
     box = [None]
     if _rank() == 0:
@@ -339,7 +337,7 @@ def save_checkpoint(out_dir: str | os.PathLike, *, model, optimizer, step: int, 
     if rank == 0:
         # No epoch or position in the epoch: a resume derives both from the step and its own steps per epoch
         # (checkpoints of earlier versions hold them too; nothing reads them).
-        torch.save({"format": FORMAT, "step": step, "world": _world(), "config": config, "extra": extra or {}},
+        torch.save({"format": FORMAT, "step": step, "world": world_size(), "config": config, "extra": extra or {}},
                    partial / "meta.pt")
         for f in partial.iterdir():
             _fsync(f)

@@ -54,8 +54,9 @@ def init_single_process_group(device: torch.device) -> None:
                             rank=0, world_size=1)
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def world_size(group=None) -> int:
+    """Processes in `group` (default: all), 1 without an initialised process group."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 class SyncBatchNorm1d(nn.BatchNorm1d):

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from msn_fast.kernels import prototype_cross_entropy
 from msn_fast.kernels._utils import check_dtype, check_finite, check_int, check_same_device
 
+from .distributed import world_size
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -34,12 +36,8 @@ class LossStats(NamedTuple):
     max_target_prob: torch.Tensor  # mean over targets of max_k p⁺_k
 
 
-def _world(group) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-
-
 def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    if _world(group) > 1:
+    if world_size(group) > 1:
         dist.all_reduce(x, group=group)
     return x
 
@@ -53,7 +51,7 @@ class _AllReduceMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        world = _world(group)
+        world = world_size(group)
         x = _all_reduce_sum(x.clone(), group)
         return x / world if world > 1 else x
 
@@ -77,7 +75,7 @@ def sinkhorn(probs: torch.Tensor, iters: int = 3, process_group=None) -> torch.T
     """
     q = probs.t().clone()  # (K, B_local)
     k, b_local = q.shape
-    b_global = b_local * _world(process_group)
+    b_global = b_local * world_size(process_group)
     q /= _all_reduce_sum(q.sum(), process_group)
     for _ in range(iters):
         q /= _all_reduce_sum(q.sum(dim=1, keepdim=True), process_group)  # prototypes: equal mass
@@ -198,7 +196,7 @@ def _agreement_group(process_group):
     mixing its two implementations across ranks would still be correct; agreeing keeps every rank on the same
     code (reproducible across heterogeneous nodes) and lets rank 0, the one that logs, report a kernel that
     failed on another rank."""
-    if _world(process_group) == 1:
+    if world_size(process_group) == 1:
         return None
     return process_group if process_group is not None else dist.group.WORLD
 
