@@ -5,8 +5,11 @@ compilation, the first batch, allocator growth) and the evaluation's cost per im
 (decode, resize, two encoder forwards), then plans the steps that fit: what is left of the budget, less the
 evaluation's estimate, divided by the measured time per step. The schedules are rebuilt over
 that many steps, so the learning rate decays over the run that will happen (the warm-up is linear in the
-step, so the re-plan moves it only by what the shorter warm-up changes). The plan is saved in every
-checkpoint, and a resumed run keeps it rather than planning again.
+step, so the re-plan moves it only by what the shorter warm-up changes). The plan is made again when
+REPLAN_AT fractions of it are done, from the time per step since the previous plan: the first steps can be
+faster or slower than the rest (caches, another job on the cores starting or ending), and the run must still
+end inside the budget. The plan is saved in every checkpoint, and a resumed run keeps it rather than planning
+again.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import time
 from typing import Callable
 
 PROBE_STEPS = 5
+REPLAN_AT = (0.1, 0.5, 0.9)
+"""Fractions of the planned steps at which the plan is made again from the speed since the previous plan."""
 EVAL_MARGIN = 1.5  # the logistic-regression fits and feature copies, on top of decoding and forwards
 EVAL_FIXED_S = 5.0  # start-up of the report: random-init model, first batches
 
@@ -43,22 +48,40 @@ class TimeBudget:
         self.eval_images, self.eval_cost = eval_images, eval_cost
         self.t_first: float | None = None
         self.step_first = 0
+        self.t_plan, self.step_plan = 0.0, 0  # when and at which step the previous plan was made
+        self.cap: int | None = None  # the most steps the run asked for (the first plan's total)
+        self.left = list(REPLAN_AT)  # the fractions of the plan at which it is still to be made again
+        self.replans: list[int] = []  # their steps
+        self.reserve = 0.0  # seconds kept for the evaluation
 
     def after_step(self, step: int, step0: int) -> bool:
-        """Call after each step; True at the step where the plan is due."""
+        """Call after each step; True at the steps where the plan is due (the first, then the re-plans)."""
         if step == step0 + 1:
             self.t_first, self.step_first = self.clock(), step
-        return self.t_first is not None and step == self.step_first + PROBE_STEPS
+        if self.t_first is None:
+            return False
+        return step == self.step_first + PROBE_STEPS or bool(self.replans and step >= self.replans[0])
 
     def plan(self, step: int, total: int) -> tuple[int, str]:
         """(steps the run will take, a log line saying why)."""
         now = self.clock()
-        step_s = (now - self.t_first) / max(1, step - self.step_first)
-        per_image = self.eval_cost() if self.eval_images and self.eval_cost is not None else 0.0
-        reserve = eval_seconds(self.eval_images, per_image)
+        first = self.cap is None
+        if first:
+            self.cap, self.t_plan, self.step_plan = total, self.t_first, self.step_first
+        since = self.step_plan + 1
+        step_s = (now - self.t_plan) / max(1, step - self.step_plan)  # the speed since the previous plan
+        if first:  # the evaluation's cost is measured once
+            per_image = self.eval_cost() if self.eval_images and self.eval_cost is not None else 0.0
+            self.reserve = eval_seconds(self.eval_images, per_image)
         elapsed = self.clock() - self.start  # the measurement of the evaluation counts too
-        fit = steps_that_fit(self.budget_s, elapsed, step, step_s, reserve, total)
+        fit = steps_that_fit(self.budget_s, elapsed, step, step_s, self.reserve, self.cap)
+        self.t_plan, self.step_plan = self.clock(), step
+        if not first:
+            self.left = self.left[1:]  # this re-plan's fraction is done
+        self.left = [f for f in self.left if step + PROBE_STEPS < round(f * fit) < fit]
+        self.replans = [round(f * fit) for f in self.left]
         why = (f"time budget {self.budget_s / 60:.1f} min: {step_s:.2f} s/step measured over steps "
-               f"{self.step_first + 1}-{step}, {elapsed:.0f} s spent, {reserve:.0f} s kept for the evaluation "
-               f"({self.eval_images} images): {fit} steps{' (all of them)' if fit >= total else f' of {total}'}")
+               f"{since}-{step}, {elapsed:.0f} s spent, "
+               f"{self.reserve:.0f} s kept for the evaluation ({self.eval_images} images): {fit} steps"
+               f"{' (all of them)' if fit >= self.cap else f' of {self.cap}'}")
         return fit, why

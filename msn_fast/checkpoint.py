@@ -268,6 +268,11 @@ def _complete_steps(root: Path) -> list[Path]:
     return [p for _, p in steps if incomplete_reason(p) is None]
 
 
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints (step folders) of a run directory, oldest first."""
+    return _complete_steps(Path(run_dir) / "checkpoints")
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path | None:
     """The step directory to load from a run directory, its checkpoints/ directory or a step directory; None if
     there is no checkpoint at all. A broken `latest` falls back to the newest complete step (warned)."""

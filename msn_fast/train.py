@@ -227,10 +227,10 @@ def eval_cost_per_image(model: MSN, cfg: Config, source, device, n: int = 16) ->
     return ((t1 - t0) + 2 * (t2 - t1)) / len(images)
 
 
-def fitted_schedules(cfg: Config, total: int, ipe: int) -> Schedules:
-    """The schedules over the `total` steps the run will take; a warm-up clipped to fit is said."""
+def fitted_schedules(cfg: Config, total: int, ipe: int, warn: bool = True) -> Schedules:
+    """The schedules over the `total` steps the run will take; a warm-up clipped to fit is said (with `warn`)."""
     sched = Schedules(cfg.optim, total, ipe)
-    if sched.warmup_clipped:
+    if sched.warmup_clipped and warn:
         log.warning("optim.warmup_epochs=%g is %d steps, more than %d%% of this %d-step run: warm-up clipped to "
                     "%d steps (set --optim.warmup_epochs, or run more steps)", cfg.optim.warmup_epochs,
                     sched.warmup_asked, round(100 * MAX_WARMUP_FRACTION), total, sched.warmup)
@@ -291,10 +291,11 @@ def train(cfg: Config) -> Path:
     total = cfg.optim.epochs * ipe if cfg.run.max_steps <= 0 else min(cfg.run.max_steps, cfg.optim.epochs * ipe)
     optimizer = build_optimizer(cfg, model, device)
 
-    step, planned = 0, None
+    step, planned, minutes_before = 0, None, 0.0
     if found is not None:
         meta = load_checkpoint(found, model=model, optimizer=optimizer)
-        step, planned = meta["step"], meta.get("extra", {}).get("planned_steps")
+        extra = meta.get("extra", {})
+        step, planned, minutes_before = meta["step"], extra.get("planned_steps"), extra.get("train_minutes", 0.0)
         log.info("resumed from %s at step %d", found, step)
     step0 = step
     budget = None
@@ -319,8 +320,10 @@ def train(cfg: Config) -> Path:
         if bad_tensors:
             raise TrainingDiverged(f"the model state is not finite ({', '.join(bad_tensors[:3])}); not saved. "
                                    + last_good(out))
+        # train_minutes: wall clock since this run (and the runs it resumes) started, for curves over time
+        minutes = minutes_before + (time.perf_counter() - t_start) / 60
         path = save_checkpoint(out, model=model, optimizer=optimizer, step=step, config=to_dict(cfg),
-                               keep=cfg.run.keep_checkpoints, extra={"planned_steps": total})
+                               keep=cfg.run.keep_checkpoints, extra={"planned_steps": total, "train_minutes": minutes})
         log.info("checkpoint %s", path)
 
     stop: list[tuple[str, int]] = []  # (signal name, number) of the first signal
@@ -362,7 +365,7 @@ def train(cfg: Config) -> Path:
                 if budget is not None and budget.after_step(step, step0):
                     total, why = on_rank0(lambda: budget.plan(step, total))  # every rank: the same plan
                     log.info("%s", why)
-                    sched = fitted_schedules(cfg, total, ipe)
+                    sched = fitted_schedules(cfg, total, ipe, warn=not sched.warmup_clipped)  # said once
                     logger.total = total
                 ckpt_due = step % cfg.run.checkpoint_every == 0 and step < total
                 log_due = logger.due(step, first)

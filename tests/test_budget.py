@@ -6,7 +6,7 @@ import re
 import pytest
 from test_train import TINY
 
-from msn_fast.budget import PROBE_STEPS, TimeBudget, eval_seconds, steps_that_fit
+from msn_fast.budget import PROBE_STEPS, REPLAN_AT, TimeBudget, eval_seconds, steps_that_fit
 from msn_fast.config import OptimConfig
 from msn_fast.schedules import Schedules
 from msn_fast.train import main
@@ -42,15 +42,41 @@ def test_plan_from_a_fake_clock():
     assert measured.plan(1 + PROBE_STEPS, 10_000)[0] == 6 + int((600 - 40 - 65) // 2)
 
 
+@pytest.mark.parametrize("later_s", [4.0, 1.0])
+def test_the_plan_is_made_again_when_the_speed_changes_and_the_run_ends_inside(later_s):
+    """2 s/step while probing, then `later_s` (another job took a core, or left): re-plans at REPLAN_AT of the
+    plan follow the speed since the previous plan, and the simulated run ends inside its 10 minutes."""
+    t, step, total, plans = [0.0], 0, 10_000, []
+    budget = TimeBudget(10.0, start=0.0, eval_images=0, clock=lambda: t[0])
+    while step < total:
+        step += 1
+        t[0] += 2.0 if step <= 1 + PROBE_STEPS else later_s
+        if budget.after_step(step, step0=0):
+            total, why = budget.plan(step, total)
+            plans.append((step, total))
+    assert len(plans) == 1 + len(REPLAN_AT)
+    assert plans[0] == (6, 6 + (600 - 12) // 2)  # the probe's speed: 294 more steps
+    assert t[0] <= 600 and t[0] >= 600 - 3 * later_s  # inside, and the budget is used
+    assert plans[-1][1] != plans[0][1]  # the plan followed the new speed
+    # a plan never asks for more steps than the run itself (the first plan's cap), however fast it gets
+    fast = TimeBudget(10.0, start=0.0, eval_images=0, clock=lambda: t[0])
+    t[0] = 0.0
+    fast.after_step(1, 0)
+    t[0] += 2.0 * PROBE_STEPS
+    assert fast.plan(6, 100)[0] == 100 and fast.replans == [50, 90]  # none within the next probe (10)
+    t[0] += 0.001
+    assert fast.plan(50, 100)[0] == 100
+
+
 def test_a_budgeted_run_plans_its_steps_decays_over_them_and_ends_inside(tmp_path, capfd):
     out, minutes = tmp_path / "run", 0.5
     args = TINY + ["--optim.epochs", "100", "--run.log_every", "5", "--run.eval_draws", "2",
                    "--run.time_budget", str(minutes), "--run.out_dir", str(out)]
     assert main(args) == 0
     err = capfd.readouterr().err
-    plan = re.search(r"time budget [\d.]+ min: .* (\d+) steps of (\d+)", err)
-    assert plan, err
-    planned, nominal = int(plan.group(1)), int(plan.group(2))
+    plans = re.findall(r"time budget [\d.]+ min: .* (\d+) steps of (\d+)", err)
+    assert plans, err
+    planned, nominal = int(plans[-1][0]), int(plans[-1][1])  # the last re-plan is what the run took
     assert PROBE_STEPS < planned < nominal
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == planned

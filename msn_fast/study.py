@@ -1,0 +1,391 @@
+"""The label-efficiency study in one command: pre-train on each dataset within a wall-clock budget, score the
+target encoder against raw pixels and the same ViT with random weights, and write the report.
+
+    python -m msn_fast.study --data-root ../shared/data --minutes 60          # CIFAR-10 and Caltech-101
+    python -m msn_fast.study --dataset photos=/data/photos --minutes 60       # any other labelled set, untuned
+
+Per dataset (DIR as `python -m msn_fast.eval --data` takes it; pre-training reads its train split only):
+1. `python -m msn_fast.train --model RECIPE --data.path DIR --run.time_budget MINUTES` in a subprocess, with
+   `--run.resume true` (a killed study continues where it stopped; a finished run is not trained again) and a
+   checkpoint every `--checkpoint-every` steps, all kept. `--jobs` runs go at once, each with its share of the
+   cores (default: every dataset at once, so the study's pre-training takes MINUTES of wall clock).
+2. `msn_fast.eval` with `--baselines`: 1/2/5 shots, a label fraction (1% when the train split has 10,000
+   images or more, else 10%), 20-NN, over `--draws` draws, each image decoded once for the three feature sets.
+3. A curve: 5-shot accuracy of the checkpoints nearest each `--curve-every` minutes of pre-training.
+
+Writes OUT/report.md, OUT/report.json, OUT/<dataset>_accuracy.png (accuracy against labelled images per
+class) and OUT/curve.png (5-shot accuracy against pre-training minutes). Trainer flags after `--` go to every
+pre-training run (e.g. `-- --optim.lr 1e-3`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_meta
+from .cpu_resources import usable_cores
+
+log = logging.getLogger("msn_fast.study")
+
+KNOWN = {"cifar10": "CIFAR-10", "caltech101": "Caltech-101"}
+"""Datasets looked for under --data-root (folder name: label)."""
+BARS = {"cifar10": ((1, 2, 5), 10.0), "caltech101": ((5,), 5.0)}
+"""Issue 15's bar: MSN beats both baselines by this many points at these shots (top-1 and per-class mean)."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return KNOWN.get(self.name, self.name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m msn_fast.study", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-root", default="../shared/data", help="folder holding cifar10/ and caltech101/")
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME=DIR",
+                   help="a dataset to study (repeatable); replaces the ones found under --data-root")
+    p.add_argument("--out", default="runs/label_efficiency", help="study folder (runs, caches, report)")
+    p.add_argument("--model", default="cpu_photos", help="pre-training recipe (python -m msn_fast.train --model)")
+    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of each pre-training run")
+    p.add_argument("--jobs", type=int, default=0, help="pre-training runs at once (0: all)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between kept checkpoints")
+    p.add_argument("--curve-every", type=float, default=10.0, help="minutes between the curve's points")
+    p.add_argument("--draws", type=int, default=5, help="labelled draws per setting")
+    p.add_argument("--knn-k", type=int, default=20, help="k of the k-NN classifier (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pre-training runs and of the draws")
+    return p
+
+
+def datasets(args) -> list[Dataset]:
+    if args.dataset:
+        out = []
+        for spec in args.dataset:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise SystemExit(f"error: --dataset must be NAME=DIR; got {spec!r}")
+            out.append(Dataset(name, Path(path)))
+        return out
+    found = [Dataset(n, Path(args.data_root) / n) for n in KNOWN if (Path(args.data_root) / n).is_dir()]
+    if not found:
+        raise SystemExit(f"error: no {' or '.join(KNOWN)} folder in --data-root {args.data_root}; "
+                         "name datasets with --dataset NAME=DIR")
+    return found
+
+
+# --- pre-training ----------------------------------------------------------------------------------------
+
+
+def finished(run: Path) -> bool:
+    """Whether `run` holds a checkpoint at the end of its planned steps."""
+    try:
+        latest = find_checkpoint(run)
+        meta = load_meta(latest) if latest is not None else None
+    except CheckpointError:
+        return False
+    planned = (meta or {}).get("extra", {}).get("planned_steps")
+    return meta is not None and planned is not None and meta["step"] >= planned
+
+
+def train_command(args, ds: Dataset, run: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "msn_fast.train", "--model", args.model, "--data.path", str(ds.path),
+            "--run.out_dir", str(run), "--run.time_budget", f"{args.minutes:g}", "--run.eval_lowshot", "false",
+            "--run.checkpoint_every", str(args.checkpoint_every), "--run.keep_checkpoints", "100000",
+            "--run.resume", "true", "--run.seed", str(args.seed), *extra]
+
+
+def pretrain(args, sets: list[Dataset], out: Path, extra: list[str]) -> None:
+    """Run the pre-trainings, `--jobs` at a time, each with its share of the cores; progress every 30 s."""
+    todo = [ds for ds in sets if not finished(out / ds.name / "run")]
+    for ds in sets:
+        if ds not in todo:
+            log.info("%s: pre-training already finished in %s; not run again", ds.name, out / ds.name / "run")
+    jobs = min(len(todo), args.jobs or len(todo)) or 1
+    threads = max(1, usable_cores() // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    running: dict[str, tuple[subprocess.Popen, Path]] = {}
+    failed = []
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                ds = todo.pop(0)
+                run = out / ds.name / "run"
+                run.mkdir(parents=True, exist_ok=True)
+                cmd = train_command(args, ds, run, extra)
+                log.info("%s: pre-training for %g min, %d thread(s): %s", ds.name, args.minutes, threads,
+                         " ".join(cmd))
+                with open(out / ds.name / "train.out", "a") as f:
+                    running[ds.name] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), run)
+            time.sleep(min(30.0, max(1.0, args.minutes * 60 / 100)))
+            for name, (proc, run) in list(running.items()):
+                line = last_step_line(run / "train.log")
+                if proc.poll() is None:
+                    log.info("%s: %s", name, line or "starting")
+                    continue
+                del running[name]
+                if proc.returncode != 0:
+                    failed.append(name)
+                    log.error("%s: the trainer exited with %d; see %s", name, proc.returncode,
+                              out / name / "train.out")
+                else:
+                    log.info("%s: pre-training done (%s)", name, line)
+    except BaseException:  # Ctrl-C, SIGTERM as an exception, a bug: the trainers save a checkpoint and stop
+        for proc, _ in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc, _ in running.values():
+            proc.wait()
+        log.warning("stopped; the same command continues the pre-training from its last checkpoint")
+        raise
+    if failed:
+        raise SystemExit(f"error: pre-training failed for {', '.join(failed)}")
+
+
+def last_step_line(logfile: Path) -> str:
+    try:
+        lines = [ln for ln in logfile.read_text().splitlines() if " step " in ln]
+    except OSError:
+        return ""
+    return lines[-1].split(" INFO ", 1)[-1] if lines else ""
+
+
+# --- evaluation --------------------------------------------------------------------------------------------
+
+
+def eval_args(ds: Dataset, out: Path, args, extra: list[str]):
+    from .eval import build_parser as eval_parser
+
+    return eval_parser().parse_args(["--data", str(ds.path), "--cache", str(out / "feature_cache"),
+                                     "--draws", str(args.draws), "--seed", str(args.seed), *extra])
+
+
+def train_images(ds: Dataset) -> int:
+    from msn_fast.dataloading.sources import find_splits
+
+    return len(find_splits(ds.path).train)
+
+
+def evaluate(args, ds: Dataset, out: Path) -> list[dict]:
+    """The trained target encoder's report, then random-init weights' and raw pixels' (msn_fast.eval --baselines)."""
+    from .eval import evaluate_all
+
+    run = out / ds.name / "run"
+    t0 = time.perf_counter()
+    reports = evaluate_all(eval_args(ds, out, args, [
+        "--checkpoint", str(run), "--name", "MSN target encoder", "--baselines", "--shots", "1", "2", "5",
+        "--fractions", "0.01" if train_images(ds) >= 10_000 else "0.1", "--knn-k", str(args.knn_k)]))
+    log.info("%s: evaluation of 3 feature sets took %.0f s", ds.name, time.perf_counter() - t0)
+    for r in reports:
+        r.pop("_results", None)
+    return reports
+
+
+def curve_points(run: Path, every: float) -> list[tuple[float, Path]]:
+    """(minutes, step dir): the last checkpoint at or before each multiple of `every` minutes, and the final one."""
+    steps = []
+    for p in list_checkpoints(run):
+        minutes = load_meta(p).get("extra", {}).get("train_minutes")
+        if minutes is not None:
+            steps.append((float(minutes), p))
+    if not steps:
+        return []
+    steps.sort()
+    chosen, mark = [], every
+    while mark < steps[-1][0]:
+        before = [s for s in steps if s[0] <= mark]
+        if before and (not chosen or before[-1] != chosen[-1]):
+            chosen.append(before[-1])
+        mark += every
+    if not chosen or chosen[-1] != steps[-1]:
+        chosen.append(steps[-1])
+    return chosen
+
+
+def curve(args, ds: Dataset, out: Path, random_init: dict) -> list[dict]:
+    """5-shot accuracy against pre-training minutes; minute 0 is the random-init encoder."""
+    from .eval import evaluate
+
+    r0 = random_init["results"]["5-shot"]
+    pts = [{"minutes": 0.0, "step": 0, "mean": r0["mean"], "std": r0["std"], "class_mean": r0["class_mean"]}]
+    for minutes, step_dir in curve_points(out / ds.name / "run", args.curve_every):
+        rep = evaluate(eval_args(ds, out, args, ["--checkpoint", str(step_dir), "--shots", "5", "--fractions",
+                                                 "--knn-k", "0", "--no-progress"]))
+        r = rep["results"]["5-shot"]
+        pts.append({"minutes": round(minutes, 2), "step": load_meta(step_dir)["step"], "mean": r["mean"],
+                    "std": r["std"], "class_mean": r["class_mean"]})
+        log.info("%s: curve %.1f min (step %d): 5-shot %.1f%%", ds.name, minutes, pts[-1]["step"], 100 * r["mean"])
+    return pts
+
+
+# --- the report ---------------------------------------------------------------------------------------------
+
+
+def margins(reports: list[dict]) -> dict[str, dict[str, float]]:
+    """Points by which the first feature set beats the best of the others, per result, top-1 and per-class."""
+    msn, others = reports[0]["results"], [r["results"] for r in reports[1:]]
+    out = {}
+    for name, r in msn.items():
+        if all(name in o for o in others):
+            out[name] = {k: round(100 * (r[k] - max(o[name][k] for o in others)), 2) for k in ("mean", "class_mean")}
+    return out
+
+
+def bar_verdict(name: str, gaps: dict[str, dict[str, float]]) -> dict | None:
+    """Issue 15's bar for a known dataset: every listed shot's margin (top-1 and per-class) >= the points."""
+    if name not in BARS:
+        return None
+    shots, points = BARS[name]
+    rows = {f"{s}-shot": gaps.get(f"{s}-shot") for s in shots}
+    met = all(g is not None and g["mean"] >= points and g["class_mean"] >= points for g in rows.values())
+    return {"points": points, "shots": list(shots), "margins": rows, "met": met}
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return "–"
+    return f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f} ({100 * r['class_mean']:.1f})"
+
+
+def columns(report: dict) -> list[str]:
+    """The results of every dataset's reports, in their order (k-shot, % labels, k-NN)."""
+    cols: dict[str, None] = {}
+    for ds in report["datasets"].values():
+        for rep in ds["reports"]:
+            cols.update(dict.fromkeys(rep["results"]))
+    return list(cols)
+
+
+def markdown(report: dict) -> str:
+    cols = columns(report)
+    lines = [f"Measured {report['date']} on {report['machine']} ({report['cores']} cores) with `{report['command']}`: "
+             f"recipe `{report['model']}`, {report['minutes']:g} min of pre-training wall clock per dataset, "
+             f"{report['jobs']} run(s) at once. Top-1 % on the test split, mean ± std over {report['draws']} draws, "
+             "per-class mean in brackets.", "",
+             "| data | features | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for ds in report["datasets"].values():
+        for rep in ds["reports"]:
+            lines.append(f"| {ds['label']} | {rep['features']} | "
+                         + " | ".join(_cell(rep["results"].get(c)) for c in cols) + " |")
+        gaps = ds["margins"]
+        lines.append(f"| {ds['label']} | *MSN − best baseline (points)* | " + " | ".join(
+            f"{gaps[c]['mean']:+.1f} ({gaps[c]['class_mean']:+.1f})" if c in gaps else "–" for c in cols) + " |")
+    lines.append("")
+    for ds in report["datasets"].values():
+        p = ds["pretrain"]
+        lines.append(f"- {ds['label']}: {p['steps']} steps of {p['batch_size']} images ({p['epochs']:.1f} epochs of "
+                     f"{p['train_images']} images) in {p['train_minutes']:.1f} min; evaluation "
+                     f"{ds['eval_seconds']:.0f} s. 5-shot curve (minutes: %): " + ", ".join(
+                         f"{c['minutes']:.1f}: {100 * c['mean']:.1f}" for c in ds["curve"]))
+        bar = ds["bar"]
+        if bar is not None:
+            lines.append(f"  Bar (+{bar['points']:g} points over both baselines at "
+                         f"{', '.join(f'{s}-shot' for s in bar['shots'])}): **{'met' if bar['met'] else 'not met'}**.")
+    return "\n".join(lines) + "\n"
+
+
+def pretrain_summary(run: Path, train_images: int) -> dict:
+    meta = load_meta(find_checkpoint(run))
+    batch, n = json.loads((run / "config.json").read_text())["data"]["batch_size"], train_images
+    return {"steps": meta["step"], "batch_size": batch, "train_images": n, "epochs": meta["step"] * batch / n,
+            "train_minutes": meta.get("extra", {}).get("train_minutes", float("nan"))}
+
+
+def plot_curve(report: dict, png: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot()
+    for i, ds in enumerate(report["datasets"].values()):
+        c = ds["curve"]
+        ax.errorbar([p["minutes"] for p in c], [100 * p["mean"] for p in c], yerr=[100 * p["std"] for p in c],
+                    color=f"C{i}", marker="o", capsize=3, label=f"{ds['label']} (MSN; minute 0 = random weights)")
+        pix = ds["reports"][-1]["results"]["5-shot"]["mean"]
+        ax.axhline(100 * pix, color=f"C{i}", linestyle=":", label=f"{ds['label']} raw pixels")
+    ax.set(xlabel="pre-training wall clock (minutes)", ylabel="5-shot top-1 accuracy (%)",
+           title="5-shot accuracy during pre-training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def machine() -> str:
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                return ln.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = build_parser().parse_args(own)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.minutes <= 0 or args.checkpoint_every < 1 or args.curve_every <= 0 or args.draws < 1 or args.jobs < 0:
+        raise SystemExit("error: --minutes, --checkpoint-every, --curve-every and --draws must be > 0, --jobs >= 0")
+    sets = datasets(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # the trainers get a SIGINT and save (see pretrain)
+    try:
+        pretrain(args, sets, out, extra)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    jobs = min(len(sets), args.jobs or len(sets))
+    report = {"date": datetime.date.today().isoformat(), "machine": machine(), "cores": usable_cores(),
+              "command": "python -m msn_fast.study " + " ".join(argv), "model": args.model,
+              "minutes": args.minutes, "jobs": jobs, "draws": args.draws, "datasets": {}}
+    for ds in sets:
+        t = time.perf_counter()
+        reports = evaluate(args, ds, out)
+        eval_s = time.perf_counter() - t
+        gaps = margins(reports)
+        report["datasets"][ds.name] = {
+            "label": ds.label, "path": str(ds.path),
+            "pretrain": pretrain_summary(out / ds.name / "run", train_images(ds)),
+            "reports": reports, "eval_seconds": round(eval_s, 1), "margins": gaps,
+            "bar": bar_verdict(ds.name, gaps), "curve": curve(args, ds, out, reports[1])}
+        try:
+            from .evaluation import plot_results
+
+            plot_results(reports, out / f"{ds.name}_accuracy.png")
+        except ImportError:
+            log.warning("matplotlib is not installed: no plots (pip install -e '.[dev]')")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    try:
+        plot_curve(report, out / "curve.png")
+    except ImportError:
+        pass
+    print(markdown(report))
+    log.info("study done in %.1f min: %s", (time.perf_counter() - t0) / 60, out / "report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
