@@ -41,7 +41,8 @@ log = logging.getLogger("msn_fast.study")
 KNOWN = {"cifar10": "CIFAR-10", "caltech101": "Caltech-101"}
 """Datasets looked for under --data-root (folder name: label)."""
 BARS = {"cifar10": ((1, 2, 5), 10.0), "caltech101": ((5,), 5.0)}
-"""Issue 15's bar: MSN beats both baselines by this many points at these shots (top-1 and per-class mean)."""
+"""The bar the study is held to (README): MSN beats both baselines by this many points at these shots, top-1
+and per-class mean."""
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ def margins(reports: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def bar_verdict(name: str, gaps: dict[str, dict[str, float]]) -> dict | None:
-    """Issue 15's bar for a known dataset: every listed shot's margin (top-1 and per-class) >= the points."""
+    """The bar of a dataset in BARS: every listed shot's margin (top-1 and per-class mean) >= its points."""
     if name not in BARS:
         return None
     shots, points = BARS[name]
@@ -267,7 +268,13 @@ def columns(report: dict) -> list[str]:
     for ds in report["datasets"].values():
         for rep in ds["reports"]:
             cols.update(dict.fromkeys(rep["results"]))
-    return list(cols)
+
+    def kind(name: str) -> tuple[int, float]:
+        number = name.split("-")[0].split("%")[0]
+        order = 0 if name.endswith("-shot") else 1 if "% labels" in name else 2
+        return order, float(number) if number.replace(".", "", 1).isdigit() else 0.0
+
+    return sorted(cols, key=kind)
 
 
 def markdown(report: dict) -> str:
