@@ -18,8 +18,11 @@ import time
 from typing import Callable
 
 PROBE_STEPS = 5
-REPLAN_AT = (0.1, 0.5, 0.9)
-"""Fractions of the planned steps at which the plan is made again from the speed since the previous plan."""
+REPLAN_AT = (0.25, 0.5)
+"""Fractions of the planned steps at which the plan is made again from the speed since the previous plan. All
+come after the longest warm-up a fitted schedule keeps (10% of the run), so a re-plan moves the cosine, not
+the warm-up (unless the speed more than doubles); none comes late, so the run's last half decays over one
+plan (a late re-plan that shortened the run would end it before its learning rate had decayed)."""
 EVAL_MARGIN = 1.5  # the logistic-regression fits and feature copies, on top of decoding and forwards
 EVAL_FIXED_S = 5.0  # start-up of the report: random-init model, first batches
 
@@ -85,3 +88,11 @@ class TimeBudget:
                f"{self.reserve:.0f} s kept for the evaluation ({self.eval_images} images): {fit} steps"
                f"{' (all of them)' if fit >= self.cap else f' of {self.cap}'}")
         return fit, why
+
+    @property
+    def state(self) -> tuple:
+        """What a plan decides besides its length, for the other processes (`adopt`): rank 0 plans alone."""
+        return self.cap, list(self.left), list(self.replans), self.reserve
+
+    def adopt(self, state: tuple) -> None:
+        self.cap, self.left, self.replans, self.reserve = state[0], list(state[1]), list(state[2]), state[3]

@@ -74,19 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def datasets(args) -> list[Dataset]:
+    out = []
     if args.dataset:
-        out = []
         for spec in args.dataset:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
                 raise SystemExit(f"error: --dataset must be NAME=DIR; got {spec!r}")
             out.append(Dataset(name, Path(path)))
-        return out
-    found = [Dataset(n, Path(args.data_root) / n) for n in KNOWN if (Path(args.data_root) / n).is_dir()]
-    if not found:
-        raise SystemExit(f"error: no {' or '.join(KNOWN)} folder in --data-root {args.data_root}; "
-                         "name datasets with --dataset NAME=DIR")
-    return found
+    else:
+        out = [Dataset(n, Path(args.data_root) / n) for n in KNOWN if (Path(args.data_root) / n).is_dir()]
+        if not out:
+            raise SystemExit(f"error: no {' or '.join(KNOWN)} folder in --data-root {args.data_root}; "
+                             "name datasets with --dataset NAME=DIR")
+    from msn_fast.dataloading import DataError
+    from msn_fast.dataloading.sources import find_splits
+
+    for ds in out:  # before an hour of pre-training: a train split and a held-out one, or a one-line error
+        try:
+            find_splits(ds.path)
+        except (DataError, OSError, ValueError) as e:
+            raise SystemExit(f"error: --dataset {ds.name}={ds.path}: {e}") from None
+    return out
 
 
 # --- pre-training ----------------------------------------------------------------------------------------
@@ -131,7 +139,10 @@ def pretrain(args, sets: list[Dataset], out: Path, extra: list[str]) -> None:
                 log.info("%s: pre-training for %g min, %d thread(s): %s", ds.name, args.minutes, threads,
                          " ".join(cmd))
                 with open(out / ds.name / "train.out", "a") as f:
-                    running[ds.name] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), run)
+                    # its own session: a Ctrl-C in the terminal reaches the study alone, which forwards one SIGINT
+                    # (a second one would stop a trainer without saving)
+                    running[ds.name] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                                         start_new_session=True), run)
             time.sleep(min(30.0, max(1.0, args.minutes * 60 / 100)))
             for name, (proc, run) in list(running.items()):
                 line = last_step_line(run / "train.log")
@@ -146,11 +157,16 @@ def pretrain(args, sets: list[Dataset], out: Path, extra: list[str]) -> None:
                 else:
                     log.info("%s: pre-training done (%s)", name, line)
     except BaseException:  # Ctrl-C, SIGTERM as an exception, a bug: the trainers save a checkpoint and stop
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not leave them running unwatched
         for proc, _ in running.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
         for proc, _ in running.values():
-            proc.wait()
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         log.warning("stopped; the same command continues the pre-training from its last checkpoint")
         raise
     if failed:
@@ -197,23 +213,20 @@ def evaluate(args, ds: Dataset, out: Path) -> list[dict]:
 
 
 def curve_points(run: Path, every: float) -> list[tuple[float, Path]]:
-    """(minutes, step dir): the last checkpoint at or before each multiple of `every` minutes, and the final one."""
+    """(minutes, step dir): the last checkpoint before each multiple of `every` minutes, and the final one."""
     steps = []
     for p in list_checkpoints(run):
         minutes = load_meta(p).get("extra", {}).get("train_minutes")
         if minutes is not None:
             steps.append((float(minutes), p))
-    if not steps:
-        return []
     steps.sort()
-    chosen, mark = [], every
-    while mark < steps[-1][0]:
-        before = [s for s in steps if s[0] <= mark]
-        if before and (not chosen or before[-1] != chosen[-1]):
-            chosen.append(before[-1])
-        mark += every
-    if not chosen or chosen[-1] != steps[-1]:
-        chosen.append(steps[-1])
+    last_in_bucket: dict[int, tuple[float, Path]] = {}  # bucket k holds the minutes in [k·every, (k+1)·every)
+    for m, p in steps:
+        last_in_bucket[int(m // every)] = (m, p)
+    chosen = [last_in_bucket[k] for k in sorted(last_in_bucket)]
+    final = list_checkpoints(run)[-1:] if run.is_dir() else []
+    if final and (not chosen or chosen[-1][1] != final[0]):  # the final checkpoint, minutes known or not
+        chosen.append((steps[-1][0] if steps else float("nan"), final[0]))
     return chosen
 
 
@@ -225,11 +238,13 @@ def curve(args, ds: Dataset, out: Path, random_init: dict) -> list[dict]:
     pts = [{"minutes": 0.0, "step": 0, "mean": r0["mean"], "std": r0["std"], "class_mean": r0["class_mean"]}]
     for minutes, step_dir in curve_points(out / ds.name / "run", args.curve_every):
         rep = evaluate(eval_args(ds, out, args, ["--checkpoint", str(step_dir), "--shots", "5", "--fractions",
-                                                 "--knn-k", "0", "--no-progress"]))
+                                                 "--knn-k", "0"]))
         r = rep["results"]["5-shot"]
-        pts.append({"minutes": round(minutes, 2), "step": load_meta(step_dir)["step"], "mean": r["mean"],
+        pts.append({"minutes": round(minutes, 2) if minutes == minutes else None,  # nan: minutes not saved
+                    "step": load_meta(step_dir)["step"], "mean": r["mean"],
                     "std": r["std"], "class_mean": r["class_mean"]})
-        log.info("%s: curve %.1f min (step %d): 5-shot %.1f%%", ds.name, minutes, pts[-1]["step"], 100 * r["mean"])
+        log.info("%s: curve %s min (step %d): 5-shot %.1f%%", ds.name, pts[-1]["minutes"], pts[-1]["step"],
+                 100 * r["mean"])
     return pts
 
 
@@ -295,9 +310,10 @@ def markdown(report: dict) -> str:
     for ds in report["datasets"].values():
         p = ds["pretrain"]
         lines.append(f"- {ds['label']}: {p['steps']} steps of {p['batch_size']} images ({p['epochs']:.1f} epochs of "
-                     f"{p['train_images']} images) in {p['train_minutes']:.1f} min; evaluation "
+                     f"{p['train_images']} images) in {p['train_minutes'] or float('nan'):.1f} min; evaluation "
                      f"{ds['eval_seconds']:.0f} s. 5-shot curve (minutes: %): " + ", ".join(
-                         f"{c['minutes']:.1f}: {100 * c['mean']:.1f}" for c in ds["curve"]))
+                         f"{c['minutes'] if c['minutes'] is None else round(c['minutes'], 1)}: {100 * c['mean']:.1f}"
+                         for c in ds["curve"]))
         bar = ds["bar"]
         if bar is not None:
             lines.append(f"  Bar (+{bar['points']:g} points over both baselines at "
@@ -309,7 +325,7 @@ def pretrain_summary(run: Path, train_images: int) -> dict:
     meta = load_meta(find_checkpoint(run))
     batch, n = json.loads((run / "config.json").read_text())["data"]["batch_size"], train_images
     return {"steps": meta["step"], "batch_size": batch, "train_images": n, "epochs": meta["step"] * batch / n,
-            "train_minutes": meta.get("extra", {}).get("train_minutes", float("nan"))}
+            "train_minutes": meta.get("extra", {}).get("train_minutes")}  # None: written before it was saved
 
 
 def plot_curve(report: dict, png: Path) -> None:
@@ -318,7 +334,7 @@ def plot_curve(report: dict, png: Path) -> None:
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
     for i, ds in enumerate(report["datasets"].values()):
-        c = ds["curve"]
+        c = [p for p in ds["curve"] if p["minutes"] is not None]
         ax.errorbar([p["minutes"] for p in c], [100 * p["mean"] for p in c], yerr=[100 * p["std"] for p in c],
                     color=f"C{i}", marker="o", capsize=3, label=f"{ds['label']} (MSN; minute 0 = random weights)")
         pix = ds["reports"][-1]["results"]["5-shot"]["mean"]
@@ -369,7 +385,14 @@ def main(argv: list[str] | None = None) -> int:
               "minutes": args.minutes, "jobs": jobs, "draws": args.draws, "datasets": {}}
     for ds in sets:
         t = time.perf_counter()
-        reports = evaluate(args, ds, out)
+        try:
+            reports = evaluate(args, ds, out)
+        except Exception as e:  # the eval CLI's one-line errors (bad data, a broken checkpoint)
+            from .eval import CheckpointError, DataError, UsageError
+
+            if isinstance(e, (CheckpointError, DataError, UsageError)):
+                raise SystemExit(f"error: evaluating {ds.name}: {e}") from None
+            raise
         eval_s = time.perf_counter() - t
         gaps = margins(reports)
         report["datasets"][ds.name] = {

@@ -294,8 +294,8 @@ def train(cfg: Config) -> Path:
     step, planned, minutes_before = 0, None, 0.0
     if found is not None:
         meta = load_checkpoint(found, model=model, optimizer=optimizer)
-        extra = meta.get("extra", {})
-        step, planned, minutes_before = meta["step"], extra.get("planned_steps"), extra.get("train_minutes", 0.0)
+        saved = meta.get("extra", {})
+        step, planned, minutes_before = meta["step"], saved.get("planned_steps"), saved.get("train_minutes", 0.0)
         log.info("resumed from %s at step %d", found, step)
     step0 = step
     budget = None
@@ -308,8 +308,8 @@ def train(cfg: Config) -> Path:
     elif cfg.run.time_budget > 0:
         n_eval = (len(eval_train) + len(eval_test)) if cfg.run.eval_lowshot and info.world == 1 and \
             eval_train is not None and eval_test is not None else 0  # fmt: skip
-        budget = TimeBudget(cfg.run.time_budget, t_start, n_eval, lambda: eval_cost_per_image(model, cfg, eval_train,
-                                                                                           device))
+        budget = TimeBudget(cfg.run.time_budget - minutes_before, t_start, n_eval,  # minus what a resumed run spent
+                            lambda: eval_cost_per_image(model, cfg, eval_train, device))
     sched = fitted_schedules(cfg, total, ipe)
     log.info("data: %d images, batch %d x %d process(es), %d steps/epoch, %d steps; views 2x%dpx + %dx%dpx, "
              "mask ratio %.2f", len(source), d.batch_size, info.world, ipe, total, d.global_size, d.num_focal,
@@ -322,8 +322,11 @@ def train(cfg: Config) -> Path:
                                    + last_good(out))
         # train_minutes: wall clock since this run (and the runs it resumes) started, for curves over time
         minutes = minutes_before + (time.perf_counter() - t_start) / 60
+        run_info = {"train_minutes": minutes}
+        if budget is None or budget.cap is not None:  # a budgeted run stopped before its plan: plan on resume
+            run_info["planned_steps"] = total
         path = save_checkpoint(out, model=model, optimizer=optimizer, step=step, config=to_dict(cfg),
-                               keep=cfg.run.keep_checkpoints, extra={"planned_steps": total, "train_minutes": minutes})
+                               keep=cfg.run.keep_checkpoints, extra=run_info)
         log.info("checkpoint %s", path)
 
     stop: list[tuple[str, int]] = []  # (signal name, number) of the first signal
@@ -363,7 +366,9 @@ def train(cfg: Config) -> Path:
                 logger.tick(step)
                 first = step == step0 + 1
                 if budget is not None and budget.after_step(step, step0):
-                    total, why = on_rank0(lambda: budget.plan(step, total))  # every rank: the same plan
+                    # every rank: the same plan, and the same steps at which it is made again
+                    total, why, state = on_rank0(lambda: (*budget.plan(step, total), budget.state))
+                    budget.adopt(state)
                     log.info("%s", why)
                     sched = fitted_schedules(cfg, total, ipe, warn=not sched.warmup_clipped)  # said once
                     logger.total = total

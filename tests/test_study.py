@@ -46,6 +46,9 @@ def test_dataset_flags_are_checked(tmp_path):
         study.datasets(study.build_parser().parse_args(["--dataset", "nodir"]))
     with pytest.raises(SystemExit, match="no cifar10 or caltech101 folder"):
         study.datasets(study.build_parser().parse_args(["--data-root", str(tmp_path)]))
+    (tmp_path / "flat" / "cats").mkdir(parents=True)  # no train/ + test/ (or lists): refused before pre-training
+    with pytest.raises(SystemExit, match=r"error: --dataset flat=.*flat"):
+        study.datasets(study.build_parser().parse_args(["--dataset", f"flat={tmp_path / 'flat'}"]))
 
 
 def test_study_end_to_end_on_a_tiny_folder(tmp_path):
@@ -92,23 +95,23 @@ def test_a_stopped_study_stops_its_trainers_with_a_checkpoint_and_continues(tmp_
     out = tmp_path / "study"
     argv = ["--dataset", f"toy={root}", "--out", str(out), "--minutes", "5", "--checkpoint-every", "2",
             "--draws", "2", "--knn-k", "3", *TINY]
-    argv[argv.index("6")] = "400"  # --run.max_steps: the recipe's epochs cap the run at 16 steps
-    argv += ["--optim.epochs", "4"]
+    argv[argv.index("6")] = "400"  # --run.max_steps: the recipe's epochs cap the run at 32 steps
+    argv += ["--optim.epochs", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "msn_fast.study", *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     run = out / "toy" / "run"
     deadline = time.monotonic() + 120
     while not list_checkpoints(run) and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.05)
     assert list_checkpoints(run), proc.communicate()[0]
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130, log
     assert "stopped by SIGINT" in (run / "train.log").read_text()
     stopped_at = load_meta(list_checkpoints(run)[-1])["step"]
-    assert 2 <= stopped_at < 16 and not (out / "report.json").exists()
+    assert 2 <= stopped_at < 32 and not (out / "report.json").exists()
     assert study.main(argv) == 0
     assert f"at step {stopped_at}" in (run / "train.log").read_text()  # "resumed from ... at step N"
-    assert load_meta(list_checkpoints(run)[-1])["step"] == 16
+    assert load_meta(list_checkpoints(run)[-1])["step"] == 32
     assert (out / "report.json").is_file()
