@@ -49,40 +49,45 @@ class TimeBudget:
         """`eval_cost()`: seconds per image of the evaluation, measured on a few images when the plan is made."""
         self.budget_s, self.start, self.clock = 60.0 * minutes, start, clock
         self.eval_images, self.eval_cost = eval_images, eval_cost
-        self.t_first: float | None = None
-        self.step_first = 0
-        self.t_plan, self.step_plan = 0.0, 0  # when and at which step the previous plan was made
+        self.t_plan: float | None = None  # start of the speed measurement: the first step, then the previous plan
+        self.step_plan = 0
         self.cap: int | None = None  # the most steps the run asked for (the first plan's total)
+        self.fit = 0  # the current plan's steps
         self.left = list(REPLAN_AT)  # the fractions of the plan at which it is still to be made again
-        self.replans: list[int] = []  # their steps
         self.reserve = 0.0  # seconds kept for the evaluation
 
     def after_step(self, step: int, step0: int) -> bool:
         """Call after each step; True at the steps where the plan is due (the first, then the re-plans)."""
         if step == step0 + 1:
-            self.t_first, self.step_first = self.clock(), step
-        if self.t_first is None:
+            self.t_plan, self.step_plan = self.clock(), step
+        if self.t_plan is None:
             return False
-        return step == self.step_first + PROBE_STEPS or bool(self.replans and step >= self.replans[0])
+        if self.cap is None:
+            return step == self.step_plan + PROBE_STEPS
+        return bool(self.replans and step >= self.replans[0])
+
+    @property
+    def replans(self) -> list[int]:
+        """The steps at which the plan is still to be made again."""
+        return [round(f * self.fit) for f in self.left]
 
     def plan(self, step: int, total: int) -> tuple[int, str]:
         """(steps the run will take, a log line saying why)."""
         now = self.clock()
         first = self.cap is None
         if first:
-            self.cap, self.t_plan, self.step_plan = total, self.t_first, self.step_first
+            self.cap = total
         since = self.step_plan + 1
         step_s = (now - self.t_plan) / max(1, step - self.step_plan)  # the speed since the previous plan
         if first:  # the evaluation's cost is measured once
             per_image = self.eval_cost() if self.eval_images and self.eval_cost is not None else 0.0
             self.reserve = eval_seconds(self.eval_images, per_image)
         elapsed = self.clock() - self.start  # the measurement of the evaluation counts too
-        fit = steps_that_fit(self.budget_s, elapsed, step, step_s, self.reserve, self.cap)
+        fit = self.fit = steps_that_fit(self.budget_s, elapsed, step, step_s, self.reserve, self.cap)
         self.t_plan, self.step_plan = self.clock(), step
         if not first:
             self.left = self.left[1:]  # this re-plan's fraction is done
         self.left = [f for f in self.left if step + PROBE_STEPS < round(f * fit) < fit]
-        self.replans = [round(f * fit) for f in self.left]
         why = (f"time budget {self.budget_s / 60:.1f} min: {step_s:.2f} s/step measured over steps "
                f"{since}-{step}, {elapsed:.0f} s spent, "
                f"{self.reserve:.0f} s kept for the evaluation ({self.eval_images} images): {fit} steps"
@@ -92,7 +97,7 @@ class TimeBudget:
     @property
     def state(self) -> tuple:
         """What a plan decides besides its length, for the other processes (`adopt`): rank 0 plans alone."""
-        return self.cap, list(self.left), list(self.replans), self.reserve
+        return self.cap, self.fit, list(self.left), self.reserve
 
     def adopt(self, state: tuple) -> None:
-        self.cap, self.left, self.replans, self.reserve = state[0], list(state[1]), list(state[2]), state[3]
+        self.cap, self.fit, self.left, self.reserve = state[0], state[1], list(state[2]), state[3]

@@ -49,6 +49,8 @@ and per-class mean."""
 class Dataset:
     name: str
     path: Path
+    train_images: int = 0
+    """size of its train split (read once, when the datasets are checked)"""
 
     @property
     def label(self) -> str:
@@ -89,12 +91,13 @@ def datasets(args) -> list[Dataset]:
     from msn_fast.dataloading import DataError
     from msn_fast.dataloading.sources import find_splits
 
+    checked = []
     for ds in out:  # before an hour of pre-training: a train split and a held-out one, or a one-line error
         try:
-            find_splits(ds.path)
+            checked.append(Dataset(ds.name, ds.path, len(find_splits(ds.path).train)))
         except (DataError, OSError, ValueError) as e:
             raise SystemExit(f"error: --dataset {ds.name}={ds.path}: {e}") from None
-    return out
+    return checked
 
 
 # --- pre-training ----------------------------------------------------------------------------------------
@@ -191,12 +194,6 @@ def eval_args(ds: Dataset, out: Path, args, extra: list[str]):
                                      "--draws", str(args.draws), "--seed", str(args.seed), *extra])
 
 
-def train_images(ds: Dataset) -> int:
-    from msn_fast.dataloading.sources import find_splits
-
-    return len(find_splits(ds.path).train)
-
-
 def evaluate(args, ds: Dataset, out: Path) -> list[dict]:
     """The trained target encoder's report, then random-init weights' and raw pixels' (msn_fast.eval --baselines)."""
     from .eval import evaluate_all
@@ -205,7 +202,7 @@ def evaluate(args, ds: Dataset, out: Path) -> list[dict]:
     t0 = time.perf_counter()
     reports = evaluate_all(eval_args(ds, out, args, [
         "--checkpoint", str(run), "--name", "MSN target encoder", "--baselines", "--shots", "1", "2", "5",
-        "--fractions", "0.01" if train_images(ds) >= 10_000 else "0.1", "--knn-k", str(args.knn_k)]))
+        "--fractions", "0.01" if ds.train_images >= 10_000 else "0.1", "--knn-k", str(args.knn_k)]))
     log.info("%s: evaluation of 3 feature sets took %.0f s", ds.name, time.perf_counter() - t0)
     for r in reports:
         r.pop("_results", None)
@@ -397,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         gaps = margins(reports)
         report["datasets"][ds.name] = {
             "label": ds.label, "path": str(ds.path),
-            "pretrain": pretrain_summary(out / ds.name / "run", train_images(ds)),
+            "pretrain": pretrain_summary(out / ds.name / "run", ds.train_images),
             "reports": reports, "eval_seconds": round(eval_s, 1), "margins": gaps,
             "bar": bar_verdict(ds.name, gaps), "curve": curve(args, ds, out, reports[1])}
         try:
