@@ -49,6 +49,28 @@ def step_flops_per_image(cfg: Config) -> float:
     return fwd(t, t) + 3 * (fwd(a, a) + (fwd(f, focal_len) if f else 0.0))
 
 
+def linear_gemms(cfg: Config, batch: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every matmul of the ViT blocks' linear layers in one training step of `batch` images.
+
+    Target forward: x [m, k] @ Wᵀ per linear; student (anchor and focal views): that forward and its two
+    backward matmuls, grad-input [m, n] @ W [n, k] and grad-weight xᵀ [k, m] @ grad [m, n]. m is batch x tokens of
+    the view group; (k, n) are (D, 3D), (D, D), (D, mlp·D), (mlp·D, D) in each of the depth blocks. Their
+    2·m·k·n add up to the linear part of step_flops_per_image x batch: the GEMM shapes a CPU step is made of,
+    for a ceiling measured at the step's own sizes (bench/test_cpu_training.py).
+    """
+    v = cfg.vit
+    d, hidden = v.dim, int(v.mlp_ratio * v.dim)
+    layers = [(d, 3 * d), (d, d), (d, hidden), (hidden, d)]
+    out = []
+    for tokens, trained in zip(tokens_per_image(cfg), (False, True, True)):
+        m = batch * tokens
+        for k, n in layers:
+            out += [(m, k, n)] * v.depth
+            if trained and m:
+                out += [(m, n, k), (k, m, n)] * v.depth
+    return [s for s in out if s[0]]
+
+
 def gpu_peaks(name: str) -> tuple[float, float] | None:
     """(dense bf16 FLOP/s, bytes/s) of the GPU whose device name ("NVIDIA H200") holds a GPU_PEAKS key, or None.
     Longer keys are tried first, so an "A100" is never taken for an "A10"."""

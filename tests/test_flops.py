@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from msn_fast.build import build_model
 from msn_fast.cli import apply_overrides
 from msn_fast.distributed import DistInfo
-from msn_fast.flops import step_flops_per_image, tokens_per_image
+from msn_fast.flops import linear_gemms, step_flops_per_image, tokens_per_image
 from msn_fast.recipes import get_recipe
 
 TINY = ["--vit.dim", "32", "--vit.depth", "3", "--vit.heads", "2", "--head.hidden_dim", "64", "--head.out_dim",
@@ -14,7 +14,8 @@ TINY = ["--vit.dim", "32", "--vit.depth", "3", "--vit.heads", "2", "--head.hidde
         "--data.num_focal", "2", "--vit.img_size", "16", "--data.batch_size", "4"]
 
 
-def test_closed_form_flops_match_flop_counter():
+def _counted_step():
+    """(config, FlopCounterMode) of one forward + backward of a tiny cpu_demo model on a batch of 4 images."""
     cfg = apply_overrides(get_recipe("cpu_demo"), TINY + ["--mask.ratio", "0.5", "--head.hidden_dim", "8",
                                                           "--head.out_dim", "8", "--head.num_prototypes", "8"])
     model = build_model(cfg, torch.device("cpu"), DistInfo())
@@ -22,9 +23,28 @@ def test_closed_form_flops_match_flop_counter():
     with FlopCounterMode(display=False) as counter:
         loss, _ = model.loss(g, f)
         loss.backward()
+    return cfg, counter
+
+
+def test_closed_form_flops_match_flop_counter():
+    cfg, counter = _counted_step()
     counted = counter.get_total_flops() / 4
     estimate = step_flops_per_image(cfg)
     assert 0.8 * counted < estimate < 1.05 * counted, (estimate, counted)  # the estimate leaves out embed + head
+
+
+def test_linear_gemm_shapes_match_the_steps_matmuls():
+    """The step's linear-layer GEMMs (linear_gemms) against the mm/addmm FLOPs torch counts in a real step: the
+    counted ones also hold the head, the prototypes and the kept patches' embedding, a few % here."""
+    cfg, counter = _counted_step()
+    ops = counter.get_flop_counts()["Global"]
+    counted = sum(n for op, n in ops.items() if op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+    shapes = linear_gemms(cfg, batch=4)
+    total = sum(2 * m * k * n for m, k, n in shapes)
+    assert 0.85 * counted < total <= counted, (total, counted)
+    d, depth = cfg.vit.dim, cfg.vit.depth
+    assert len(shapes) == 4 * depth * (1 + 3 + 3)  # target forward; anchor and focal forward + 2 backward
+    assert (4 * tokens_per_image(cfg)[0], d, 3 * d) in shapes
 
 
 def test_official_l7_token_budget():
