@@ -35,13 +35,13 @@ def test_closed_form_flops_match_flop_counter():
 
 def test_linear_gemm_shapes_match_the_steps_matmuls():
     """The step's linear-layer GEMMs (linear_gemms) against the mm/addmm FLOPs torch counts in a real step: the
-    counted ones also hold the head, the prototypes and the kept patches' embedding, a few % here."""
+    counted ones also hold the head and the prototypes, 0.3% here (a missing first-block grad-input is 9%)."""
     cfg, counter = _counted_step()
     ops = counter.get_flop_counts()["Global"]
     counted = sum(n for op, n in ops.items() if op in (torch.ops.aten.mm, torch.ops.aten.addmm))
     shapes = linear_gemms(cfg, batch=4)
     total = sum(2 * m * k * n for m, k, n in shapes)
-    assert 0.85 * counted < total <= counted, (total, counted)
+    assert 0.98 * counted < total <= counted, (total, counted)
     d, depth = cfg.vit.dim, cfg.vit.depth
     assert len(shapes) == 4 * depth * (1 + 3 + 3)  # target forward; anchor and focal forward + 2 backward
     assert (4 * tokens_per_image(cfg)[0], d, 3 * d) in shapes

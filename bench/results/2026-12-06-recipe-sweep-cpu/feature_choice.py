@@ -5,7 +5,7 @@
 RUN_DIR: an msn-fast run; HELDOUT_DIR: an image folder with train/ (labelled images are drawn from it) and val/
 (scored). Each feature of the target encoder, of a random-init encoder of the same architecture and raw pixels
 is scored with the evaluation's logistic regression (λ cross-validated per draw, 10 draws): the CLS token before
-and after the final LayerNorm, the mean patch token before and after it, two concatenations; each also with the
+and after the final LayerNorm, the mean patch token before and after it, three concatenations; each also with the
 mean over the horizontal flip, and with the train features' column mean subtracted (row centring and L2
 normalisation always follow, as in msn_fast.evaluation.preprocess).
 """
