@@ -64,11 +64,13 @@ def linear_gemms(cfg: Config, batch: int) -> list[tuple[int, int, int]]:
     out = []
     for tokens, trained in zip(tokens_per_image(cfg), (False, True, True)):
         m = batch * tokens
+        if not m:  # no focal views
+            continue
         for k, n in layers:
             out += [(m, k, n)] * v.depth
-            if trained and m:
+            if trained:
                 out += [(m, n, k), (k, m, n)] * v.depth
-    return [s for s in out if s[0]]
+    return out
 
 
 def gpu_peaks(name: str) -> tuple[float, float] | None:

@@ -209,10 +209,11 @@ def evaluate(args, ds: Dataset, out: Path) -> list[dict]:
     return reports
 
 
-def curve_points(run: Path, every: float) -> list[tuple[float, Path]]:
-    """(minutes, step dir): the last checkpoint before each multiple of `every` minutes, and the final one."""
-    steps = []
-    for p in list_checkpoints(run):
+def curve_points(run: Path, every: float) -> list[tuple[float | None, Path]]:
+    """(minutes, step dir): the last checkpoint before each multiple of `every` minutes, and the final one (its
+    minutes None when no checkpoint recorded them)."""
+    checkpoints, steps = list_checkpoints(run), []
+    for p in checkpoints:
         minutes = load_meta(p).get("extra", {}).get("train_minutes")
         if minutes is not None:
             steps.append((float(minutes), p))
@@ -221,9 +222,8 @@ def curve_points(run: Path, every: float) -> list[tuple[float, Path]]:
     for m, p in steps:
         last_in_bucket[int(m // every)] = (m, p)
     chosen = [last_in_bucket[k] for k in sorted(last_in_bucket)]
-    final = list_checkpoints(run)[-1:] if run.is_dir() else []
-    if final and (not chosen or chosen[-1][1] != final[0]):  # the final checkpoint, minutes known or not
-        chosen.append((steps[-1][0] if steps else float("nan"), final[0]))
+    if checkpoints and (not chosen or chosen[-1][1] != checkpoints[-1]):  # the final one, minutes known or not
+        chosen.append((steps[-1][0] if steps else None, checkpoints[-1]))
     return chosen
 
 
@@ -237,7 +237,7 @@ def curve(args, ds: Dataset, out: Path, random_init: dict) -> list[dict]:
         rep = evaluate(eval_args(ds, out, args, ["--checkpoint", str(step_dir), "--shots", "5", "--fractions",
                                                  "--knn-k", "0"]))
         r = rep["results"]["5-shot"]
-        pts.append({"minutes": round(minutes, 2) if minutes == minutes else None,  # nan: minutes not saved
+        pts.append({"minutes": None if minutes is None else round(minutes, 2),
                     "step": load_meta(step_dir)["step"], "mean": r["mean"],
                     "std": r["std"], "class_mean": r["class_mean"]})
         log.info("%s: curve %s min (step %d): 5-shot %.1f%%", ds.name, pts[-1]["minutes"], pts[-1]["step"],
@@ -380,16 +380,16 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "cores": usable_cores(),
               "command": "python -m msn_fast.study " + " ".join(argv), "model": args.model,
               "minutes": args.minutes, "jobs": jobs, "draws": args.draws, "datasets": {}}
+    from msn_fast.dataloading import DataError
+
+    from .cli import UsageError
+
     for ds in sets:
         t = time.perf_counter()
         try:
             reports = evaluate(args, ds, out)
-        except Exception as e:  # the eval CLI's one-line errors (bad data, a broken checkpoint)
-            from .eval import CheckpointError, DataError, UsageError
-
-            if isinstance(e, (CheckpointError, DataError, UsageError)):
-                raise SystemExit(f"error: evaluating {ds.name}: {e}") from None
-            raise
+        except (CheckpointError, DataError, UsageError) as e:  # the eval CLI's one-line errors (bad data, checkpoint)
+            raise SystemExit(f"error: evaluating {ds.name}: {e}") from None
         eval_s = time.perf_counter() - t
         gaps = margins(reports)
         report["datasets"][ds.name] = {

@@ -51,6 +51,23 @@ def test_dataset_flags_are_checked(tmp_path):
         study.datasets(study.build_parser().parse_args(["--dataset", f"flat={tmp_path / 'flat'}"]))
 
 
+def test_an_evaluation_error_is_one_line_naming_the_dataset(tmp_path, monkeypatch):
+    from msn_fast.dataloading import DataError
+
+    root = _folder_dataset(tmp_path / "toy")
+    monkeypatch.setattr(study, "pretrain", lambda *a: None)
+
+    def broken(*a):
+        raise DataError("all 12 train images of toy are unreadable")
+
+    monkeypatch.setattr(study, "evaluate", broken)
+    with pytest.raises(SystemExit, match="error: evaluating toy: all 12 train images"):
+        study.main(["--dataset", f"toy={root}", "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(study, "evaluate", lambda *a: 1 / 0)  # a bug is not turned into a one-line error
+    with pytest.raises(ZeroDivisionError):
+        study.main(["--dataset", f"toy={root}", "--out", str(tmp_path / "out")])
+
+
 def test_study_end_to_end_on_a_tiny_folder(tmp_path):
     root = _folder_dataset(tmp_path / "toy", n_train=8, n_test=4)
     out = tmp_path / "study"
