@@ -3,11 +3,14 @@ ceiling measured in the same run.
 
 The real trainer (`python -m msn_fast.train --model cpu_demo`, its 32 px views) runs in a subprocess on
 CIFAR-10's train split (../shared/data/cifar10; generated 32 px JPEGs when absent) for MSN_BENCH_STEPS steps
-(default 60), no checkpoint, no evaluation, in three settings, rounds interleaved (A B C, C B A, ...):
-- per_image: `--data.augment per_image` (torchvision on each image in the one loader worker; the trainer then
-  gives training 1 thread, leaving the other core to the worker) - the behaviour before batched augmentation;
-- batched: `--data.augment batched`, the same threads;
-- batched, 2 threads: `--data.augment batched` with OMP_NUM_THREADS=2 (the worker is cheap enough to share).
+(default 60), no checkpoint, no evaluation, in three settings, rounds interleaved (A B C, C B A, ...), each with
+the trainer's own thread choice:
+- per_image: `--data.augment per_image --data.num_workers 1` (torchvision on each image in one loader worker;
+  training gets 1 thread, the other core is left to the worker) - the behaviour before batched augmentation;
+- batched_worker: `--data.augment batched --data.num_workers 1` (one worker decodes and makes the batch's views;
+  training gets both cores, so the worker takes its cycles from the GEMM threads);
+- batched: `--data.augment batched --data.num_workers 0`, the recipe's default (decoding and the batch's views in
+  the training process, between steps, with both cores).
 Images/s is the median of the trainer's own log lines after the first (its `img_per_s`, metrics.jsonl). GFLOP/s =
 images/s x the step's FLOPs per image (msn_fast.flops.step_flops_per_image: target forward + student forward and
 backward; patch embedding, head and loss left out), against the fp32 GEMM ceiling: the median GFLOP/s of a
@@ -36,7 +39,7 @@ from PIL import Image
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 STEPS = int(os.environ.get("MSN_BENCH_STEPS", "60"))
-SETTINGS = {"per_image": ("per_image", None), "batched": ("batched", None), "batched_2_threads": ("batched", "2")}
+SETTINGS = {"per_image": ("per_image", 1), "batched_worker": ("batched", 1), "batched": ("batched", 0)}
 
 
 def _data(tmp_path_factory) -> tuple[Path, str]:
@@ -49,14 +52,12 @@ def _data(tmp_path_factory) -> tuple[Path, str]:
     return root, "generated 32 px JPEGs (../shared/data/cifar10 absent)"
 
 
-def _train(data: Path, out: Path, augment: str, threads: str | None) -> float:
+def _train(data: Path, out: Path, augment: str, workers: int) -> float:
     """Median images/s of the trainer's log lines after the first, for one run."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    if threads:
-        env["OMP_NUM_THREADS"] = threads
     cmd = [sys.executable, "-m", "msn_fast.train", "--model", "cpu_demo", "--data.path", str(data), "--data.augment",
-           augment, "--run.max_steps", str(STEPS), "--run.log_every", "10", "--run.checkpoint_every", "100000",
-           "--run.eval_lowshot", "false", "--run.out_dir", str(out)]
+           augment, "--data.num_workers", str(workers), "--run.max_steps", str(STEPS), "--run.log_every", "10",
+           "--run.checkpoint_every", "100000", "--run.eval_lowshot", "false", "--run.out_dir", str(out)]
     env["MSN_FAST_PROGRESS"] = "0"
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -65,7 +65,8 @@ class Attention(nn.Module):
         """x: [B, N, D] -> [B, N, D]."""
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
-        out = attention(qkv[0], qkv[1], qkv[2], backend=self.impl)  # (B, H, N, d)
+        q, k, v = qkv.unbind(0)  # one backward op (a stack); qkv[0], [1], [2] would zero-fill and copy 3 times
+        out = attention(q, k, v, backend=self.impl)  # (B, H, N, d)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
