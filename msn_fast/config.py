@@ -118,7 +118,7 @@ class DataConfig(ViewRecipe):
     batch_size: int = 64
     """images per step (per process)"""
     num_workers: int = 2
-    """loader worker processes"""
+    """loader worker processes (0: decode and augment in the training process, between steps; DALI: its threads)"""
 
     def __post_init__(self):
         ViewRecipe.__post_init__(self)  # explicit: zero-argument super() fails in a slots dataclass
