@@ -268,7 +268,7 @@ def train(cfg: Config) -> Path:
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
         fit_batch_to_cpu_memory(cfg, model)
-        reserved = d.num_workers if d.augment == "per_image" else 0  # batched: workers only decode, cores shared
+        reserved = d.num_workers if d.augment == "per_image" else 0  # batched: workers cheap, cores shared
         threads = cpu_training_threads(reserved)
         if threads is not None and threads != threads_before:
             log.info("%d torch thread(s) for training, leaving cores to %d loader worker(s) (OMP_NUM_THREADS "
