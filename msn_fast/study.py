@@ -33,7 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from msn_fast.dataloading import DataError
+
 from .checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_meta
+from .cli import UsageError
 from .cpu_resources import usable_cores
 
 log = logging.getLogger("msn_fast.study")
@@ -88,7 +91,6 @@ def datasets(args) -> list[Dataset]:
         if not out:
             raise SystemExit(f"error: no {' or '.join(KNOWN)} folder in --data-root {args.data_root}; "
                              "name datasets with --dataset NAME=DIR")
-    from msn_fast.dataloading import DataError
     from msn_fast.dataloading.sources import find_splits
 
     checked = []
@@ -380,10 +382,6 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "cores": usable_cores(),
               "command": "python -m msn_fast.study " + " ".join(argv), "model": args.model,
               "minutes": args.minutes, "jobs": jobs, "draws": args.draws, "datasets": {}}
-    from msn_fast.dataloading import DataError
-
-    from .cli import UsageError
-
     for ds in sets:
         t = time.perf_counter()
         try:
