@@ -3,7 +3,8 @@ ceiling measured in the same run.
 
 The real trainer (`python -m msn_fast.train --model cpu_demo`, its 32 px views) runs in a subprocess on
 CIFAR-10's train split (../shared/data/cifar10; generated 32 px JPEGs when absent) for MSN_BENCH_STEPS steps
-(default 60), no checkpoint, no evaluation, in three settings, rounds interleaved (A B C, C B A, ...), each with
+(default 60), no checkpoint, no evaluation, in three settings, MSN_BENCH_ROUNDS rounds (default 2) interleaved
+(A B C, C B A, ...; each round's images/s is printed too, the VM's speed drifts), each with
 the trainer's own thread choice:
 - per_image: `--data.augment per_image --data.num_workers 1` (torchvision on each image in one loader worker;
   training gets 1 thread, the other core is left to the worker) - the behaviour before batched augmentation;
@@ -39,6 +40,7 @@ from PIL import Image
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 STEPS = int(os.environ.get("MSN_BENCH_STEPS", "60"))
+ROUNDS = int(os.environ.get("MSN_BENCH_ROUNDS", "2"))
 SETTINGS = {"per_image": ("per_image", 1), "batched_worker": ("batched", 1), "batched": ("batched", 0)}
 
 
@@ -103,7 +105,7 @@ def test_cpu_recipe_training_throughput(benchmark, bench_report, tmp_path, tmp_p
     cfg = get_recipe("cpu_demo")
     gemm, step_gemm = [], []
     order = list(SETTINGS)
-    for r in range(2):
+    for r in range(ROUNDS):
         for name in (order if r % 2 == 0 else order[::-1]):
             rates[name].append(_train(data, tmp_path / f"{name}_{r}", *SETTINGS[name]))
         gemm.append(_gemm_gflops())
@@ -117,6 +119,7 @@ def test_cpu_recipe_training_throughput(benchmark, bench_report, tmp_path, tmp_p
     for name, rs in rates.items():
         ips = statistics.median(rs)
         info[f"{name}_img_s"] = round(ips, 1)
+        info[f"{name}_rounds"] = " ".join(f"{x:.0f}" for x in rs)
         info[f"{name}_over_per_image"] = round(ips / base, 2)
         info[f"{name}_gflops_of_gemm"] = round(ips * flops / 1e9 / ceiling, 2)
         info[f"{name}_gflops_of_step_gemm"] = round(ips * flops / 1e9 / step_ceiling, 2)

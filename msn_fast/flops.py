@@ -32,21 +32,29 @@ def tokens_per_image(cfg: Config) -> tuple[int, int, int]:
     return 1 + n, 1 + num_kept(n, cfg.mask.ratio), d.num_focal * (1 + (d.focal_size // v.patch_size) ** 2)
 
 
+def views_per_image(cfg: Config) -> tuple[int, int, int]:
+    """(target, anchor, focal) views per image: 1, 1 and data.num_focal."""
+    return 1, 1, cfg.data.num_focal
+
+
 def step_flops_per_image(cfg: Config) -> float:
     """Closed-form FLOPs of one training step per image: target forward + student forward and backward (3x).
 
-    Per block and token: 2·(4 + 2·mlp_ratio)·D² for the linears, 4·n·D for attention over n tokens.
-    Patch embedding, head and loss are excluded (a few % at most).
+    Per block and token: 2·(4 + 2·mlp_ratio)·D² for the linears, 4·n·D for attention over n tokens. The last
+    block computes only the CLS row (vit.Block's cls_only): k and v of every token (2·2·D² each), then q,
+    the projection and the MLP of one token and its attention over n keys. Patch embedding, head and loss
+    are excluded (a few % at most).
     """
     v = cfg.vit
     linear = 2 * (4 + 2 * v.mlp_ratio) * v.dim**2
 
-    def fwd(n_tokens: int, per_view: int) -> float:
-        return v.depth * n_tokens * (linear + 4 * per_view * v.dim)
+    def fwd(n_tokens: int, views: int) -> float:
+        n = n_tokens // views  # tokens of one view
+        last = views * (2 * 2 * n * v.dim**2 + 2 * (2 + 2 * v.mlp_ratio) * v.dim**2 + 4 * n * v.dim)
+        return (v.depth - 1) * n_tokens * (linear + 4 * n * v.dim) + last
 
     t, a, f = tokens_per_image(cfg)
-    focal_len = f // max(1, cfg.data.num_focal)
-    return fwd(t, t) + 3 * (fwd(a, a) + (fwd(f, focal_len) if f else 0.0))
+    return fwd(t, 1) + 3 * (fwd(a, 1) + (fwd(f, cfg.data.num_focal) if f else 0.0))
 
 
 def linear_gemms(cfg: Config, batch: int) -> list[tuple[int, int, int]]:
@@ -54,22 +62,25 @@ def linear_gemms(cfg: Config, batch: int) -> list[tuple[int, int, int]]:
 
     Target forward: x [m, k] @ Wᵀ per linear; student (anchor and focal views): that forward and its two
     backward matmuls, grad-input [m, n] @ W [n, k] and grad-weight xᵀ [k, m] @ grad [m, n]. m is batch x tokens of
-    the view group; (k, n) are (D, 3D), (D, D), (D, mlp·D), (mlp·D, D) in each of the depth blocks. Their
-    2·m·k·n add up to the linear part of step_flops_per_image x batch: the GEMM shapes a CPU step is made of,
-    for a ceiling measured at the step's own sizes (bench/test_cpu_training.py).
+    the view group; (k, n) are (D, 3D), (D, D), (D, mlp·D), (mlp·D, D) in each of the first depth - 1 blocks.
+    The last block computes the CLS rows alone: (D, 2D) (k and v) over every token, then (D, D) (q), (D, D),
+    (D, mlp·D), (mlp·D, D) over m = batch x views rows. Their 2·m·k·n add up to the linear part of
+    step_flops_per_image x batch: the GEMM shapes a CPU step is made of, for a ceiling measured at the step's
+    own sizes (bench/test_cpu_training.py).
     """
     v = cfg.vit
     d, hidden = v.dim, int(v.mlp_ratio * v.dim)
     layers = [(d, 3 * d), (d, d), (d, hidden), (hidden, d)]
     out = []
-    for tokens, trained in zip(tokens_per_image(cfg), (False, True, True)):
-        m = batch * tokens
+    for tokens, views, trained in zip(tokens_per_image(cfg), views_per_image(cfg), (False, True, True)):
+        m, rows = batch * tokens, batch * views
         if not m:  # no focal views
             continue
-        for k, n in layers:
-            out += [(m, k, n)] * v.depth
+        last = [(m, d, 2 * d), (rows, d, d)] + [(rows, k, n) for k, n in layers[1:]]
+        for mm, k, n in [(m, k, n) for k, n in layers] * (v.depth - 1) + last:
+            out.append((mm, k, n))
             if trained:
-                out += [(m, n, k), (k, m, n)] * v.depth
+                out += [(mm, n, k), (k, mm, n)]
     return out
 
 

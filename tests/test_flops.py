@@ -43,7 +43,8 @@ def test_linear_gemm_shapes_match_the_steps_matmuls():
     total = sum(2 * m * k * n for m, k, n in shapes)
     assert 0.98 * counted < total <= counted, (total, counted)
     d, depth = cfg.vit.dim, cfg.vit.depth
-    assert len(shapes) == 4 * depth * (1 + 3 + 3)  # target forward; anchor and focal forward + 2 backward
+    # target forward; anchor and focal forward + 2 backward; the CLS-only last block has 5 linears (q split off)
+    assert len(shapes) == (4 * (depth - 1) + 5) * (1 + 3 + 3)
     assert (4 * tokens_per_image(cfg)[0], d, 3 * d) in shapes
 
 

@@ -142,6 +142,39 @@ def test_eval_features_are_pre_norm_cls():
     torch.testing.assert_close(vit.norm(feats), vit(x))
 
 
+@pytest.mark.parametrize("impl", ["torch", "eager"])
+@pytest.mark.parametrize("depth, masked", [(1, False), (3, True), (2, False)])
+def test_cls_only_last_block_matches_the_full_forward(impl, depth, masked):
+    """trunk(x) computes the last block's CLS row alone; it must equal the full forward's CLS, and give every
+    parameter the same gradient (fp64, fresh weights, odd sizes: 3 heads of 7, 5 x 5 patches, MLP ratio 1.5)."""
+    torch.manual_seed(depth)
+    vit = VisionTransformer(ViTArch(dim=21, depth=depth, heads=3, patch_size=3, mlp_ratio=1.5), img_size=15,
+                            attn_impl=impl).double()
+    with torch.no_grad():
+        for p in vit.parameters():  # init leaves biases and LayerNorm at 0 / 1: randomise, so each one counts
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(3, 3, 15, 15, dtype=torch.float64)
+    keep = torch.stack([torch.randperm(25)[:11] for _ in range(3)]) if masked else None
+    w = torch.randn(3, 21, dtype=torch.float64)
+    grads = []
+    for out in (lambda: vit(x, keep), lambda: vit.forward_features(x, keep)[:, 0]):
+        vit.zero_grad(set_to_none=True)
+        y = out()
+        (y * w).sum().backward()
+        grads.append((y.detach(), {n: p.grad.clone() for n, p in vit.named_parameters()}))
+    (y_fast, g_fast), (y_full, g_full) = grads
+    assert y_fast.shape == (3, 21)
+    torch.testing.assert_close(y_fast, y_full, rtol=1e-10, atol=1e-10)
+    assert g_fast.keys() == g_full.keys()
+    for name in g_full:
+        assert g_full[name].abs().sum() > 0, name
+        torch.testing.assert_close(g_fast[name], g_full[name], rtol=1e-9, atol=1e-10, msg=name)
+    pre = vit.embed(x, keep)
+    for blk in vit.blocks:
+        pre = blk(pre)
+    torch.testing.assert_close(vit.cls_features(x, keep), pre[:, 0], rtol=1e-10, atol=1e-10)
+
+
 def test_official_init_statistics():
     vit = build_vit("vit_s16")
     assert abs(vit.pos_embed.std().item() - 0.02) < 0.003

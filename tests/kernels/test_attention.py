@@ -185,6 +185,9 @@ def test_cross_attention_lengths_differ():
         _rand((1, 1, 13, 32), torch.float32),
     )
     _compare(q, k, v)
+    # one (CLS) query against every token: the ViT's last block (vit.Block cls_only)
+    q, k, v = _rand((3, 2, 1, 32), torch.float32), *(_rand((3, 2, 65, 32), torch.float32) for _ in range(2))
+    _compare(q, k, v)
 
 
 @pytest.mark.parametrize("N,D,dtype", [(37, 64, torch.bfloat16), (197, 32, torch.float32), (13, 80, torch.float16)])
