@@ -72,12 +72,13 @@ class CheckpointedBlock(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """kwargs go to the block (the ViT's last block is called with cls_only=True)."""
         if not torch.is_grad_enabled():
-            return self.block(x)
+            return self.block(x, **kwargs)
         if SavedBytes._active is not None:
             SavedBytes._active.add(x)
-        return checkpoint(self.block, x, use_reentrant=False, preserve_rng_state=False)
+        return checkpoint(self.block, x, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
 def checkpoint_blocks(trunk: nn.Module) -> None:
@@ -199,7 +200,8 @@ def step_costs(
 ) -> StepCosts:
     """FLOPs and bytes saved for backward per image for `cfg`'s model at mask `ratio`, on fake tensors.
 
-    Blocks are identical, so every cost is a + depth·b: measured at depths 1 and 2 and extrapolated.
+    Every block but the last (CLS row only) is the same, so every cost is a + depth·b (the last block's
+    difference is in a): measured at depths 1 and 2 and extrapolated.
     `exact=True` also runs the full depth, uses it, and records the extrapolation's relative error.
     `with_ac=False` skips the activation-checkpointing runs (their fields are then None).
     batch >= 2: the projection head's BatchNorm needs two rows.

@@ -41,7 +41,7 @@ def step_flops_per_image(cfg: Config) -> float:
     """Closed-form FLOPs of one training step per image: target forward + student forward and backward (3x).
 
     Per block and token: 2·(4 + 2·mlp_ratio)·D² for the linears, 4·n·D for attention over n tokens. The last
-    block computes only the CLS row (vit.Block's cls_only): k and v of every token (2·2·D² each), then q,
+    block computes only the CLS row (vit.Block's cls_only): k and v of every token (2·D² each, 4·D² together), then q,
     the projection and the MLP of one token and its attention over n keys. Patch embedding, head and loss
     are excluded (a few % at most).
     """

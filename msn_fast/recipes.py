@@ -33,7 +33,7 @@ def cpu_demo() -> Config:
     """CPU demo on the embedded digits (8x8 scans upsampled to 32 px): 480 steps of a 0.5M-parameter ViT.
 
     Milder crops than the official ones (a 16 px focal crop of 5% of a digit shows nothing), no blur
-    (the digits are already blurry), MLP ratio 2 (32% fewer FLOPs, accuracy within 1 point), the released
+    (the digits are already blurry), MLP ratio 2 (30% fewer FLOPs, accuracy within 1 point), the released
     config's loss (Sinkhorn on, ME-MAX λ 1) over 16 prototypes, and a short-run EMA (0.9 -> 1) and lr
     (2e-3). Measured on 2 CPU cores (README, "Measured"): with EMA 0.99 -> 1 the target lags a run
     this short, and with Sinkhorn off the targets collapse onto 1-4 prototypes; lr 3e-3 or no colour

@@ -1,5 +1,6 @@
 """The closed-form step FLOPs (msn_fast/flops.py) against torch's FlopCounterMode, and the token counts they use."""
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -46,6 +47,22 @@ def test_linear_gemm_shapes_match_the_steps_matmuls():
     # target forward; anchor and focal forward + 2 backward; the CLS-only last block has 5 linears (q split off)
     assert len(shapes) == (4 * (depth - 1) + 5) * (1 + 3 + 3)
     assert (4 * tokens_per_image(cfg)[0], d, 3 * d) in shapes
+
+
+@pytest.mark.parametrize("model, flags", [("cpu_demo", []), ("cpu_demo", ["--data.num_focal", "0"]),
+                                          ("vit_l7", []), ("vit_s16", ["--vit.mlp_ratio", "2.5"])])
+def test_step_flops_are_the_linear_gemms_plus_attention(model, flags):
+    """step_flops_per_image = the linear GEMMs of linear_gemms per image + attention (4·n·D a query row over n
+    keys, every row of the first depth - 1 blocks, the CLS row of the last; 3x for the student's views)."""
+    cfg = apply_overrides(get_recipe(model), flags)
+    v, batch = cfg.vit, 4
+    linear = sum(2 * m * k * n for m, k, n in linear_gemms(cfg, batch)) / batch
+    attention = 0.0
+    for tokens, views, passes in zip(tokens_per_image(cfg), (1, 1, cfg.data.num_focal), (1, 3, 3)):
+        if tokens:
+            n = tokens // views
+            attention += passes * (4 * n * v.dim) * ((v.depth - 1) * tokens + views)
+    assert step_flops_per_image(cfg) == pytest.approx(linear + attention, rel=1e-12)
 
 
 def test_official_l7_token_budget():
