@@ -156,7 +156,7 @@ def _digest_tensors(state: dict) -> str:
         t = state[k].detach().cpu().contiguous()
         h.update(k.encode())
         h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -63,7 +63,7 @@ def test_the_plan_is_made_again_when_the_speed_changes_and_the_run_ends_inside(l
     t[0] = 0.0
     fast.after_step(1, 0)
     t[0] += 2.0 * PROBE_STEPS
-    assert fast.plan(6, 100)[0] == 100 and fast.replans == [25, 50]
+    assert fast.plan(6, 100)[0] == 100 and fast.replans == [round(f * 100) for f in REPLAN_AT]
     t[0] += 0.001
     assert fast.plan(25, 60)[0] == 100  # capped by the first plan's total, not by the current one
     # other processes follow rank 0's plan: the same steps at which it is made again
@@ -73,21 +73,60 @@ def test_the_plan_is_made_again_when_the_speed_changes_and_the_run_ends_inside(l
     assert next(s for s in range(7, 101) if other.after_step(s, 0)) == 50 == fast.replans[0]
 
 
+def _simulate(budget_min: float, slow_from: int, fast_s: float, slow_s: float) -> tuple[float, list]:
+    """A budgeted run on a fake clock whose steps take `fast_s` until step `slow_from`, then `slow_s`:
+    (seconds the training took, [(step, planned total)] at each plan)."""
+    t, step, total, plans = [0.0], 0, 100_000, []
+    budget = TimeBudget(budget_min, start=0.0, eval_images=0, clock=lambda: t[0])
+    while step < total:
+        step += 1
+        t[0] += fast_s if step < slow_from else slow_s
+        if budget.after_step(step, step0=0):
+            total, _ = budget.plan(step, total)
+            plans.append((step, total))
+    return t[0], plans
+
+
+@pytest.mark.parametrize("slow_from", [170, 200, 230])
+def test_a_slowdown_after_the_midpoint_still_ends_inside_the_budget(monkeypatch, slow_from):
+    """The machine slows from 2 to 3 s/step at 57-77% of a 300-step plan (a shared machine, another job): the
+    late re-plans shorten the run so that it still ends inside its 10 minutes (within one slow step)."""
+    took, plans = _simulate(10.0, slow_from, 2.0, 3.0)
+    assert plans[0] == (6, 300)
+    assert took <= 600 + 3.0, plans
+    assert plans[-1][1] < 300  # shortened
+    assert took >= 600 - 2 * 3.0  # and the budget is still used
+    # with only the early re-plans (0.25, 0.5) the same run would have overrun its budget
+    monkeypatch.setattr("msn_fast.budget.REPLAN_AT", (0.25, 0.5))
+    assert _simulate(10.0, slow_from, 2.0, 3.0)[0] > 600 + 30
+
+
+def test_a_speed_up_late_in_the_run_uses_the_time_it_frees():
+    """From 3 to 2 s/step at 60% of the plan: the late re-plans lengthen the run into the freed time."""
+    took, plans = _simulate(10.0, 120, 3.0, 2.0)
+    assert plans[-1][1] > plans[0][1]
+    assert 600 - 2 * 2.0 <= took <= 600
+
+
 def test_a_budgeted_run_plans_its_steps_decays_over_them_and_ends_inside(tmp_path, capfd):
     out, minutes = tmp_path / "run", 0.5
     args = TINY + ["--optim.epochs", "100", "--run.log_every", "5", "--run.eval_draws", "2",
                    "--run.time_budget", str(minutes), "--run.out_dir", str(out)]
     assert main(args) == 0
     err = capfd.readouterr().err
-    plans = re.findall(r"time budget [\d.]+ min: .* (\d+) steps of (\d+)", err)
+    plans = [(int(at), int(fit), int(nominal)) for at, fit, nominal in
+             re.findall(r"time budget [\d.]+ min: .* over steps \d+-(\d+), .* (\d+) steps of (\d+)", err)]
     assert plans, err
-    planned, nominal = int(plans[-1][0]), int(plans[-1][1])  # the last re-plan is what the run took
+    planned, nominal = plans[-1][1:]  # the last re-plan is what the run took
     assert PROBE_STEPS < planned < nominal
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == planned
     cfg = json.loads((out / "config.json").read_text())
+    # the last step ran on the plan made before it (a plan that finds no time left ends the run at once; on a
+    # loaded machine even the first can, and the steps before it ran on the nominal schedule)
+    in_force = ([nominal] + [fit for at, fit, _ in plans if at < planned])[-1]
     sched = Schedules(OptimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["optim"].items()}),
-                      planned, nominal // 100)
+                      in_force, nominal // 100)
     assert recs[-1]["lr"] == pytest.approx(sched.lr(planned - 1))  # the schedule spans the planned run
     took = float(re.search(r"this process took ([\d.]+) min", err).group(1))
     assert took <= 1.25 * minutes, err  # training and evaluation, inside the budget (plus rounding)
