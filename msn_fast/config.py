@@ -57,6 +57,8 @@ class ViTConfig:
     """attention backend: auto | triton | torch (SDPA) | eager | xformers"""
     embed_impl: str = "auto"
     """kept-patch embedding backend of the masked view: auto | triton | torch"""
+    stem: str = "linear"
+    """patch embedding: linear (the official P x P projection) | conv (3x3 stride-2 convs with BatchNorm, then 1x1)"""
 
     def __post_init__(self):
         _positive(self, "vit", "dim", "depth", "heads", "patch_size")
@@ -69,6 +71,9 @@ class ViTConfig:
                  "auto, triton, torch, eager or xformers", self.attn_impl)
         _require(self.embed_impl in ("auto", "triton", "torch"), "vit.embed_impl", "auto, triton or torch",
                  self.embed_impl)
+        _require(self.stem in ("linear", "conv"), "vit.stem", "linear or conv", self.stem)
+        _require(self.stem == "linear" or (self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0),
+                 "vit.patch_size", "a power of two (2, 4, 8, ...) with --vit.stem conv", self.patch_size)
 
 
 @dataclass(kw_only=True, slots=True)

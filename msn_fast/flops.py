@@ -42,8 +42,8 @@ def step_flops_per_image(cfg: Config) -> float:
 
     Per block and token: 2·(4 + 2·mlp_ratio)·D² for the linears, 4·n·D for attention over n tokens. The last
     block computes only the CLS row (vit.Block's cls_only): k and v of every token (2·D² each, 4·D² together), then q,
-    the projection and the MLP of one token and its attention over n keys. Patch embedding, head and loss
-    are excluded (a few % at most).
+    the projection and the MLP of one token and its attention over n keys. Patch embedding (or the conv stem:
+    7% of a cpu_photos step), head and loss are excluded.
     """
     v = cfg.vit
     linear = 2 * (4 + 2 * v.mlp_ratio) * v.dim**2

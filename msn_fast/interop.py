@@ -70,9 +70,17 @@ def _rename(key: str, rules) -> str:
     return key
 
 
+def _linear_stem_only(sd: dict) -> dict:
+    """`sd` if its patch embedding is the linear projection; a conv stem (vit.stem conv) has no counterpart."""
+    if any(k.startswith("patch_embed.layers.") for k in sd):
+        raise InteropError("this ViT has a conv stem (vit.stem conv): timm, transformers and the official code "
+                           "embed patches with one linear projection, so it has no counterpart there")
+    return sd
+
+
 def to_timm_state_dict(trunk: VisionTransformer | dict) -> dict[str, torch.Tensor]:
     """Our trunk (module or state dict) -> timm VisionTransformer keys (= official deit.py trunk keys)."""
-    sd = trunk.state_dict() if isinstance(trunk, torch.nn.Module) else trunk
+    sd = _linear_stem_only(trunk.state_dict() if isinstance(trunk, torch.nn.Module) else trunk)
     return OrderedDict((_rename(k, _OURS_TO_TIMM), v) for k, v in sd.items())
 
 
@@ -223,7 +231,7 @@ def _transformers():
 
 def to_hf_state_dict(trunk: VisionTransformer | dict, legacy: bool = False) -> dict[str, torch.Tensor]:
     """Our trunk (module or state dict) -> ViTMSNModel keys; `legacy`: the 4.x / on-disk names."""
-    sd = trunk.state_dict() if isinstance(trunk, torch.nn.Module) else trunk
+    sd = _linear_stem_only(trunk.state_dict() if isinstance(trunk, torch.nn.Module) else trunk)
     out = OrderedDict()
     for k, v in sd.items():
         m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", k)

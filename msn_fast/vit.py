@@ -4,7 +4,8 @@ Pre-norm blocks (LayerNorm eps 1e-6, qkv bias, MLP ratio 4, GELU), a learned pos
 and CLS token (trunc_normal 0.02), a final LayerNorm. Tokens are dropped AFTER the position
 embedding is added and CLS is always kept, so the encoder only processes kept tokens. The position
 embedding is bicubically interpolated for other input sizes (the 96 px focal views).
-Attention goes through `msn_fast.kernels.attention`, so `attn_impl` picks the backend.
+Attention goes through `msn_fast.kernels.attention`, so `attn_impl` picks the backend. `stem="conv"` replaces the
+linear patch projection with a few convolutions (`ConvStem`, the `cpu_photos` recipe's).
 
 MSN reads only the CLS token (the projection head's input, the evaluation feature), so `forward` and
 `extract_features` run the last block for the CLS row alone: k and v of every token, q, attention output,
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msn_fast.kernels import attention, embed_kept_patches
+from msn_fast.kernels import attention, embed_kept_patches, gather_tokens
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,39 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class ConvStem(nn.Module):
+    """Early convolutions in place of the patch projection (`vit.stem conv`; Xiao et al. 2021, arXiv 2106.14881).
+
+    log2(P) 3x3 convolutions of stride 2, each followed by BatchNorm and ReLU, of widths D/4 (at least 8) and
+    then each twice the last (at most D), then a 1x1 convolution to D: [B, C, H, W] -> [B, D, H/P, W/P], one
+    token per P x P patch as the linear projection gives. The 3x3 windows overlap, so a token also sees a few
+    border pixels of its neighbours (a masked view's kept tokens see the edges of dropped patches). PyTorch's
+    default init of the convolutions. BatchNorm runs in train mode during training, as the projection head's;
+    its running statistics, updated by each encoder's own forwards, serve the evaluation's eval mode.
+    """
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(f"vit.stem conv needs a patch size that is a power of two, at least 2; got {patch_size}")
+        layers, c, width, s = [], in_chans, max(dim // 4, 8), 1
+        while s < patch_size:
+            layers += [nn.Conv2d(c, width, 3, stride=2, padding=1, bias=False, **dd), nn.BatchNorm2d(width, **dd),
+                       nn.ReLU(inplace=True)]
+            c, width, s = width, min(2 * width, dim), 2 * s
+        layers.append(nn.Conv2d(c, dim, 1, **dd))
+        self.layers = nn.Sequential(*layers)
+        self.in_channels = in_chans
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, D, H/P, W/P]"""
+        return self.layers(x)
+
+
+STEMS = ("linear", "conv")
+
+
 class VisionTransformer(nn.Module):
     """ViT encoder returning the CLS token; `keep_idx` drops patch tokens after the pos-embed add.
 
@@ -111,13 +145,19 @@ class VisionTransformer(nn.Module):
         arch: the shape (dim, depth, heads, patch size).
         img_size: the size the position embedding is learned at (224 for the official models).
         attn_impl: attention backend, see `msn_fast.kernels.attention`.
-        embed_impl: backend of the fused kept-patch embedding of masked views (`embed_kept_patches`).
+        embed_impl: backend of the fused kept-patch embedding of masked views (`embed_kept_patches`), or with
+            the conv stem of the gather of their kept tokens (`gather_tokens`).
+        stem: "linear" (the official P x P patch projection, `patch_embed` an nn.Conv2d) or "conv" (`ConvStem`:
+            every patch goes through the stem, then a masked view keeps its tokens).
     """
 
     def __init__(self, arch: ViTArch, img_size: int = 224, in_chans: int = 3, attn_impl: str = "auto",
-                 embed_impl: str = "auto", device=None, dtype=None):
+                 embed_impl: str = "auto", stem: str = "linear", device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; known: {', '.join(STEMS)}")
+        self.stem = stem
         self.arch, self.img_size, self.patch_size = arch, img_size, arch.patch_size
         self.embed_impl = embed_impl
         self.grid = img_size // arch.patch_size
@@ -125,7 +165,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"img_size {img_size} is smaller than the patch size {arch.patch_size}")
         self.num_patches = self.grid**2
         self.embed_dim = arch.dim
-        self.patch_embed = nn.Conv2d(in_chans, arch.dim, arch.patch_size, stride=arch.patch_size, **dd)
+        self.patch_embed = (ConvStem(in_chans, arch.dim, arch.patch_size, **dd) if stem == "conv" else
+                            nn.Conv2d(in_chans, arch.dim, arch.patch_size, stride=arch.patch_size, **dd))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, arch.dim, **dd))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, arch.dim, **dd))
         self.blocks = nn.ModuleList(
@@ -139,7 +180,7 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """Official init (msn_spec.md, ViT): trunc_normal(0.02) for linears (zero bias), pos-embed and CLS;
         LayerNorm 1/0; Kaiming normal with fan-in and the ReLU gain, std sqrt(2 / (3·P·P)), for the
-        patch conv."""
+        patch conv (a conv stem keeps PyTorch's defaults)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -147,8 +188,9 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.kaiming_normal_(self.patch_embed.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.zeros_(self.patch_embed.bias)
+        if self.stem == "linear":
+            nn.init.kaiming_normal_(self.patch_embed.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(self.patch_embed.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -173,11 +215,18 @@ class VisionTransformer(nn.Module):
 
         keep_idx: kept PATCH indices in [0, N), shared [K] or per-sample [B, K]; None keeps all.
         A masked view goes through the fused kernel, which reads only the kept patches' pixels;
-        an unmasked view takes the plain conv path.
+        an unmasked view takes the plain conv path. With the conv stem every patch goes through the stem and
+        a masked view then keeps its tokens (`gather_tokens`, position embedding added in the same pass).
         """
         p = self.patch_size
         gh, gw = x.shape[-2] // p, x.shape[-1] // p
         cls = self.cls_token + self.pos_embed[:, :1]  # (1, 1, D)
+        if self.stem == "conv":
+            tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D): every patch through the stem
+            pos = self.patch_pos_embed(gh, gw)
+            tokens = tokens + pos if keep_idx is None else gather_tokens(tokens, keep_idx, pos, validate=False,
+                                                                        backend=self.embed_impl)  # (B, K, D)
+            return torch.cat([cls.expand(x.shape[0], -1, -1), tokens], dim=1)
         if keep_idx is not None:
             return embed_kept_patches(x, self.patch_embed.weight, self.patch_embed.bias, self.patch_pos_embed(gh, gw),
                                       keep_idx, cls_token=cls, validate=False, backend=self.embed_impl)
@@ -224,4 +273,4 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["ViTArch", "ARCHS", "get_arch", "VisionTransformer", "build_vit", "num_params"]
+__all__ = ["ViTArch", "ARCHS", "get_arch", "ConvStem", "STEMS", "VisionTransformer", "build_vit", "num_params"]

@@ -1,0 +1,122 @@
+"""`vit.stem conv`: the ViT's early-convolution stem (vit.ConvStem), its masked views, config checks, interop and
+evaluation-cache handling of its BatchNorm buffers."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from msn_fast.config import ViTConfig
+from msn_fast.features import _digest_tensors
+from msn_fast.interop import InteropError, to_hf_state_dict, to_timm_state_dict
+from msn_fast.recipes import get_recipe
+from msn_fast.vit import ConvStem, VisionTransformer, ViTArch
+
+
+def _vit(patch=4, img=16, dim=24, depth=2, dtype=torch.float64, **kw):
+    torch.manual_seed(patch + img)
+    return VisionTransformer(ViTArch(dim=dim, depth=depth, heads=3, patch_size=patch, mlp_ratio=1.5), img_size=img,
+                             stem="conv", embed_impl="torch", **kw).to(dtype)
+
+
+@pytest.mark.parametrize("patch, widths", [(2, [8]), (4, [8, 16]), (8, [8, 16, 24])])
+def test_stem_layers_follow_the_patch_size(patch, widths):
+    """log2(P) 3x3 stride-2 convs (widths D/4 but at least 8, then doubling up to D), each with BatchNorm and
+    ReLU, then 1x1 to D."""
+    stem = ConvStem(3, 24, patch)
+    convs = [m for m in stem.layers if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs[:-1]] == widths and convs[-1].out_channels == 24
+    assert all(c.kernel_size == (3, 3) and c.stride == (2, 2) for c in convs[:-1])
+    assert convs[-1].kernel_size == (1, 1)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in stem.layers) == len(widths)
+    x = torch.randn(2, 3, 8 * patch, 4 * patch)
+    assert stem(x).shape == (2, 24, 8, 4)
+
+
+@pytest.mark.parametrize("patch", [1, 3, 6])
+def test_stem_needs_a_power_of_two_patch(patch):
+    with pytest.raises(ValueError, match="power of two"):
+        ConvStem(3, 24, patch)
+    with pytest.raises(ValueError, match="--vit.patch_size must be a power of two"):
+        ViTConfig(patch_size=patch, img_size=32, stem="conv")
+    with pytest.raises(ValueError, match="--vit.stem must be linear or conv; got 'hmlp'"):
+        ViTConfig(stem="hmlp")
+    ViTConfig(patch_size=patch, img_size=32)  # any patch with the linear projection
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_sample"])
+def test_masked_view_keeps_the_stems_tokens(mode):
+    """A masked view is the full view's tokens (stem + position embedding) at the kept positions, CLS first;
+    values and every parameter's gradient match plain indexing (fp64, 5 x 3 patches, fresh random weights)."""
+    vit = _vit(patch=4, img=20)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(3, 3, 20, 12, dtype=torch.float64)  # a non-square view: 5 x 3 patches, interpolated positions
+    n = 15
+    keep = torch.randperm(n)[:7] if mode == "shared" else torch.stack([torch.randperm(n)[:7] for _ in range(3)])
+    vit.eval()  # BatchNorm's running statistics: both paths see the same normalisation
+    out = vit.embed(x, keep)
+    full = vit.embed(x)
+    idx = keep.expand(3, -1) if keep.dim() == 1 else keep
+    ref = torch.cat([full[:, :1], torch.gather(full[:, 1:], 1, idx[..., None].expand(-1, -1, full.shape[-1]))], 1)
+    assert out.shape == (3, 8, 24)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(out)
+    params = [p for p in vit.parameters() if p.requires_grad]
+    g_out = torch.autograd.grad((out * w).sum(), params, allow_unused=True)
+    g_ref = torch.autograd.grad((ref * w).sum(), params, allow_unused=True)
+    names = [n for n, p in vit.named_parameters() if p.requires_grad]
+    stem_grads = 0
+    for name, a, b in zip(names, g_out, g_ref):
+        if a is None or b is None:
+            assert a is None and b is None, name  # the blocks: embed does not reach them
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+        stem_grads += name.startswith("patch_embed.") and bool(a.abs().sum() > 0)
+    assert stem_grads == 8  # both 3x3 convs, both BatchNorms (weight, bias), the 1x1 conv (weight, bias)
+
+
+def test_conv_stem_trunk_trains_and_its_cls_only_forward_matches():
+    """In train mode (BatchNorm on batch statistics) the CLS-only forward still equals the full forward's CLS,
+    values and gradients of every parameter (fp64), so the stem composes with the rest of the ViT."""
+    vit = _vit(patch=4, img=16, depth=2)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    keep = torch.stack([torch.randperm(16)[:9] for _ in range(4)])
+    res = []
+    for fn in (lambda: vit(x, keep), lambda: vit.forward_features(x, keep)[:, 0]):
+        vit.zero_grad(set_to_none=True)
+        y = fn()
+        y.square().sum().backward()
+        res.append((y.detach(), {n: p.grad.clone() for n, p in vit.named_parameters() if p.grad is not None}))
+    (y1, g1), (y2, g2) = res
+    torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-10)
+    assert g1.keys() == g2.keys() and any(k.startswith("patch_embed.layers.0") for k in g1)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-9, atol=1e-10, msg=k)
+
+
+def test_interop_refuses_a_conv_stem():
+    vit = _vit(dtype=torch.float32)
+    for export in (to_timm_state_dict, to_hf_state_dict):
+        with pytest.raises(InteropError, match="conv stem"):
+            export(vit)
+        with pytest.raises(InteropError, match="conv stem"):
+            export(vit.state_dict())
+
+
+def test_eval_cache_digest_of_a_trunk_with_batchnorm_buffers():
+    """The evaluation cache's key hashes the trunk's state dict, 0-dim BatchNorm counters included, and changes
+    when the running statistics do (they are what eval mode normalises with)."""
+    vit = _vit(dtype=torch.float32)
+    assert any(t.dim() == 0 for t in vit.state_dict().values())  # num_batches_tracked
+    before = _digest_tensors(vit.state_dict())
+    assert before == _digest_tensors(vit.state_dict())
+    vit.train()
+    vit.embed(torch.randn(2, 3, 16, 16))  # a train-mode forward updates the running statistics
+    assert _digest_tensors(vit.state_dict()) != before
+
+
+def test_cpu_photos_uses_the_conv_stem_and_the_demo_does_not():
+    assert get_recipe("cpu_photos").vit.stem == "conv"
+    assert get_recipe("cpu_demo").vit.stem == "linear"
+    assert get_recipe("vit_s16").vit.stem == "linear"
