@@ -19,14 +19,18 @@ from typing import Callable
 
 PROBE_STEPS = 5
 REPLAN_AT = (0.25, 0.5, 0.75, 0.9)
-"""Fractions of the planned steps at which the plan is made again from the speed since the previous plan. All
-come after the longest warm-up a fitted schedule keeps (10% of the run), so a re-plan moves the cosine, not
-the warm-up (unless the speed more than doubles). The schedules are rebuilt over the new length, so a run
-shortened late still decays to its final learning rate (its cosine steps ahead), and one lengthened late
-climbs back a little (at 90% of a cosine, 5% more steps lift the learning rate from 2.4% to 5.0% of the way
-from its final value to its peak). The late ones (0.75, 0.9) keep the end inside the budget when the
-machine slows down in the run's second half: with re-plans at 0.25 and 0.5 alone, a 15-minute run on a
-shared 2-core machine that slowed down after its midpoint trained for 16.7 minutes (2026-12-06)."""
+"""Fractions of the planned steps at which the plan is made again. All come after the longest warm-up a fitted
+schedule keeps (10% of the run), so a re-plan moves the cosine, not the warm-up (unless the speed more than
+doubles). A re-plan takes the slower of the speed since the previous plan and the mean speed since the first
+plan: a slowdown shortens the run at once, and a short fast spell lengthens it only a little. The schedules
+are rebuilt over the new length, so a run shortened late still decays to its final learning rate (its cosine
+steps ahead), and one lengthened late climbs back a little (ignoring the warm-up, with horizon_scale 1: at 90%
+of the cosine, 5% more steps lift the learning rate from 2.4% to 5.0% of the way from its final value to its
+peak). The late ones (0.75, 0.9) keep the end inside the budget when the machine slows down in the second half
+early enough for one of them to see it: with re-plans at 0.25 and 0.5 alone, a 15-minute run on a shared 2-core
+machine that slowed down after its midpoint trained for 16.7 minutes (2026-12-06, bench/results/
+2026-12-06-recipe-sweep-cpu/logs/V_ctl.log). A slowdown after the last re-plan still overruns, by at most the
+last 10% of the run's steps times the slowdown."""
 EVAL_MARGIN = 1.5  # the logistic-regression fits and feature copies, on top of decoding and forwards
 EVAL_FIXED_S = 5.0  # start-up of the report: random-init model, first batches
 
@@ -55,6 +59,7 @@ class TimeBudget:
         self.eval_images, self.eval_cost = eval_images, eval_cost
         self.t_plan: float | None = None  # start of the speed measurement: the first step, then the previous plan
         self.step_plan = 0
+        self.t_first, self.step_first = 0.0, 0  # the first plan's time and step
         self.cap: int | None = None  # the most steps the run asked for (the first plan's total)
         self.fit = 0  # the current plan's steps
         self.left = list(REPLAN_AT)  # the fractions of the plan at which it is still to be made again
@@ -83,17 +88,24 @@ class TimeBudget:
             self.cap = total
         since = self.step_plan + 1
         step_s = (now - self.t_plan) / max(1, step - self.step_plan)  # the speed since the previous plan
+        overall = ""
+        if not first:  # the slower of that and of every step since the first plan: a short fast spell
+            mean_s = (now - self.t_first) / max(1, step - self.step_first)  # does not lengthen the run much
+            overall = f"{mean_s:.2f} over steps {self.step_first + 1}-{step} (the slower counts), "
+            step_s = max(step_s, mean_s)
         if first:  # the evaluation's cost is measured once
             per_image = self.eval_cost() if self.eval_images and self.eval_cost is not None else 0.0
             self.reserve = eval_seconds(self.eval_images, per_image)
         elapsed = self.clock() - self.start  # the measurement of the evaluation counts too
         fit = self.fit = steps_that_fit(self.budget_s, elapsed, step, step_s, self.reserve, self.cap)
         self.t_plan, self.step_plan = self.clock(), step
-        if not first:
+        if first:
+            self.t_first, self.step_first = self.t_plan, step
+        else:
             self.left = self.left[1:]  # this re-plan's fraction is done
         self.left = [f for f in self.left if step + PROBE_STEPS < round(f * fit) < fit]
         why = (f"time budget {self.budget_s / 60:.1f} min: {step_s:.2f} s/step measured over steps "
-               f"{since}-{step}, {elapsed:.0f} s spent, "
+               f"{since}-{step}, {overall}{elapsed:.0f} s spent, "
                f"{self.reserve:.0f} s kept for the evaluation ({self.eval_images} images): {fit} steps"
                f"{' (all of them)' if fit >= self.cap else f' of {self.cap}'}")
         return fit, why

@@ -4,8 +4,8 @@ torchtitan's pattern: `fully_shard` every transformer block, then the root, with
 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). The EMA target is sharded the same way,
 so its EMA update is a local foreach over matching shards; it reshards after its no-grad forward
 (its root would otherwise keep unsharded params, since no backward reshards them). Prototypes stay
-a replicated fp32 parameter whose gradient is averaged here. BatchNorm statistics in the head are
-computed over the global batch by `SyncBatchNorm1d`, which also works on CPU/gloo.
+a replicated fp32 parameter whose gradient is averaged here. BatchNorm statistics in the head (and the
+conv stem) are computed over the global batch by `SyncBatchNorm1d` (`2d`), which also works on CPU/gloo.
 """
 
 from __future__ import annotations
@@ -59,6 +59,37 @@ def world_size(group=None) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
+def _sync_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """The forward of SyncBatchNorm1d / 2d: statistics per channel (dim 1) over every other dim and, when
+    training with several processes, over every process's batch; fp32 statistics for bf16 inputs."""
+    if not (bn.training and world_size() > 1):  # one process (or eval): plain BN, in fp32 for bf16 inputs
+        w, b = (bn.weight.float(), bn.bias.float()) if bn.affine else (None, None)
+        use_batch = bn.training or bn.running_mean is None
+        if bn.training and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        mom = bn.momentum if bn.momentum is not None else 0.1
+        return F.batch_norm(x.float(), bn.running_mean, bn.running_var, w, b, use_batch, mom, bn.eps).to(x.dtype)
+    from torch.distributed.nn.functional import all_reduce
+
+    xf = x.float()
+    dims, shape = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)  # per channel; broadcast over the rest
+    c = x.shape[1]
+    stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_full((1,), x.numel() // c)])
+    stats = all_reduce(stats)
+    n = stats[-1]
+    mean, sq = stats[:c] / n, stats[c:2 * c] / n
+    var = (sq - mean * mean).clamp_min(0)
+    with torch.no_grad():
+        m = bn.momentum if bn.momentum is not None else 0.1
+        bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), m)
+        bn.running_var.lerp_((var.detach() * n / (n - 1).clamp_min(1)).to(bn.running_var.dtype), m)
+        bn.num_batches_tracked += 1
+    y = (xf - mean.view(shape)) * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        y = y * bn.weight.float().view(shape) + bn.bias.float().view(shape)
+    return y.to(x.dtype)
+
+
 class SyncBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics cover the batch of every process (SyncBatchNorm semantics).
 
@@ -69,40 +100,26 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and world_size() > 1):  # one process (or eval): plain BN, in fp32 for bf16 inputs
-            w, b = (self.weight.float(), self.bias.float()) if self.affine else (None, None)
-            use_batch = self.training or self.running_mean is None
-            if self.training and self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-            mom = self.momentum if self.momentum is not None else 0.1
-            return F.batch_norm(x.float(), self.running_mean, self.running_var, w, b, use_batch, mom,
-                                self.eps).to(x.dtype)
-        from torch.distributed.nn.functional import all_reduce
+        return _sync_batch_norm(self, x)
 
-        xf = x.float()
-        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_full((1,), x.shape[0])])
-        stats = all_reduce(stats)
-        c = x.shape[1]
-        n = stats[-1]
-        mean, sq = stats[:c] / n, stats[c:2 * c] / n
-        var = (sq - mean * mean).clamp_min(0)
-        with torch.no_grad():
-            m = self.momentum if self.momentum is not None else 0.1
-            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
-            self.running_var.lerp_((var.detach() * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), m)
-            self.num_batches_tracked += 1
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight.float() + self.bias.float()
-        return y.to(x.dtype)
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """SyncBatchNorm1d for feature maps (the conv stem's): x [B, C, H, W] -> [B, C, H, W], statistics per channel
+    over batch, height and width of every process, in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _sync_batch_norm(self, x)
+
+
+_SYNC = {nn.BatchNorm1d: SyncBatchNorm1d, nn.BatchNorm2d: SyncBatchNorm2d}
 
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm1d in `module` by SyncBatchNorm1d, keeping parameters and buffers."""
+    """Replace every BatchNorm1d / 2d in `module` by SyncBatchNorm1d / 2d, keeping parameters and buffers."""
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm1d:
-            new = SyncBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                  child.track_running_stats, device=child.weight.device, dtype=child.weight.dtype)
+        if type(child) in _SYNC:
+            new = _SYNC[type(child)](child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats, device=child.weight.device, dtype=child.weight.dtype)
             new.load_state_dict(child.state_dict())
             setattr(module, name, new)
         else:
@@ -134,4 +151,4 @@ def all_reduce_grad_mean(param: nn.Parameter) -> None:
 
 
 __all__ = ["DistInfo", "init_distributed", "init_single_process_group", "world_size", "SyncBatchNorm1d",
-           "convert_sync_batchnorm", "shard_encoder", "all_reduce_grad_mean"]
+           "SyncBatchNorm2d", "convert_sync_batchnorm", "shard_encoder", "all_reduce_grad_mean"]

@@ -102,7 +102,8 @@ def from_timm_state_dict(sd: dict[str, torch.Tensor], *, drop_head: bool = True)
 
 
 def arch_from_state_dict(sd: dict[str, torch.Tensor], heads: int | None = None) -> tuple[ViTArch, int]:
-    """(ViTArch, img_size) read off a trunk state dict in OUR layout."""
+    """(ViTArch, img_size) read off a trunk state dict in OUR layout (the linear patch projection's)."""
+    _linear_stem_only(sd)
     try:
         w = sd["patch_embed.weight"]
         n_tokens = sd["pos_embed"].shape[1]
@@ -473,13 +474,17 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.command == "export-hf":
-        to_hf(model).save_pretrained(args.out)  # config.json + model.safetensors
-    else:
-        state = to_timm_state_dict(model.target.trunk) if args.command == "export-timm" else to_official_checkpoint(
-            model)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, args.out)
+    try:
+        if args.command == "export-hf":
+            to_hf(model).save_pretrained(args.out)  # config.json + model.safetensors
+        else:
+            state = (to_timm_state_dict(model.target.trunk) if args.command == "export-timm" else
+                     to_official_checkpoint(model))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, args.out)
+    except InteropError as e:  # e.g. a conv stem, which none of these formats has
+        print(f"error: {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 

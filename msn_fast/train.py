@@ -118,10 +118,10 @@ def train_step(model: MSN, batch, optimizer, sched: Schedules, step: int, cfg: C
     """One optimisation step that never waits for the device (no .item(), no host sync).
 
     A non-finite loss (every process agrees: the loss comes from all-reduced terms) skips the step on the
-    device and changes no state: the forward's BatchNorm updates (running statistics of the student and
-    target heads) are undone with torch.where, the optimizer skips its update (found_inf), the EMA weight is
-    0. The backward still runs (its gradients are discarded). The RNG has advanced: the next step draws new
-    masks, as it would have.
+    device and changes no state: the forward's BatchNorm updates (running statistics of the student's and
+    target's heads, and of a conv stem) are undone with torch.where, the optimizer skips its update (found_inf),
+    the EMA weight is 0. The backward still runs (its gradients are discarded). The RNG has advanced: the next
+    step draws new masks, as it would have.
     """
     lr, wd = sched.lr(step), sched.wd(step)
     for g in optimizer.param_groups:

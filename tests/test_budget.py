@@ -101,11 +101,32 @@ def test_a_slowdown_after_the_midpoint_still_ends_inside_the_budget(monkeypatch,
     assert _simulate(10.0, slow_from, 2.0, 3.0)[0] > 600 + 30
 
 
-def test_a_speed_up_late_in_the_run_uses_the_time_it_frees():
-    """From 3 to 2 s/step at 60% of the plan: the late re-plans lengthen the run into the freed time."""
+def test_a_speed_up_late_in_the_run_uses_the_time_it_frees(monkeypatch):
+    """From 3 to 2 s/step at 60% of the plan: the late re-plans lengthen the run into some of the freed time (at
+    the mean speed since the first plan, the slower one, so not all of it), inside the budget."""
     took, plans = _simulate(10.0, 120, 3.0, 2.0)
     assert plans[-1][1] > plans[0][1]
-    assert 600 - 2 * 2.0 <= took <= 600
+    assert took <= 600
+    monkeypatch.setattr("msn_fast.budget.REPLAN_AT", (0.25, 0.5))
+    early_only, early_plans = _simulate(10.0, 120, 3.0, 2.0)
+    assert early_plans[-1][1] == plans[0][1] and took > early_only + 40
+
+
+def test_a_short_fast_spell_late_in_the_run_does_not_overrun_it():
+    """3 s/step, but 1.5 s/step over steps 150-180 (between the 0.75 and 0.9 re-plans of a 200-step plan): the
+    0.9 re-plan takes the slower of that spell's speed and the mean since the first plan, so the run lengthens
+    a little and ends within 2% of its 10 minutes (taking the spell's speed alone, it would end at 687 s)."""
+    t, step, total, plans = [0.0], 0, 100_000, []
+    budget = TimeBudget(10.0, start=0.0, eval_images=0, clock=lambda: t[0])
+    while step < total:
+        step += 1
+        t[0] += 1.5 if 150 <= step < 180 else 3.0
+        if budget.after_step(step, step0=0):
+            total, why = budget.plan(step, total)
+            plans.append((step, total))
+    assert plans[0] == (6, 200) and plans[-1][0] == 180 and plans[-1][1] > 200
+    assert "(the slower counts)" in why
+    assert t[0] <= 1.02 * 600, plans
 
 
 def test_a_budgeted_run_plans_its_steps_decays_over_them_and_ends_inside(tmp_path, capfd):

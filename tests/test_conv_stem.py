@@ -1,11 +1,18 @@
 """`vit.stem conv`: the ViT's early-convolution stem (vit.ConvStem), its masked views, config checks, interop and
 evaluation-cache handling of its BatchNorm buffers."""
 
+import copy
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
 
 from msn_fast.config import ViTConfig
+from msn_fast.distributed import SyncBatchNorm2d, convert_sync_batchnorm
 from msn_fast.features import _digest_tensors
 from msn_fast.interop import InteropError, to_hf_state_dict, to_timm_state_dict
 from msn_fast.recipes import get_recipe
@@ -95,13 +102,31 @@ def test_conv_stem_trunk_trains_and_its_cls_only_forward_matches():
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-9, atol=1e-10, msg=k)
 
 
-def test_interop_refuses_a_conv_stem():
+def test_interop_refuses_a_conv_stem(tmp_path, capsys):
+    """No export format has a conv stem: the functions raise InteropError naming it, the CLI says so in one
+    `error:` line and exits 2."""
+    from msn_fast.checkpoint import save_checkpoint
+    from msn_fast.config import Config, HeadConfig, to_dict
+    from msn_fast.interop import arch_from_state_dict, main
+    from msn_fast.model import MSN, param_groups
+
     vit = _vit(dtype=torch.float32)
+    for export in (to_timm_state_dict, to_hf_state_dict, arch_from_state_dict):
+        with pytest.raises(InteropError, match="conv stem"):
+            export(vit.state_dict())
     for export in (to_timm_state_dict, to_hf_state_dict):
         with pytest.raises(InteropError, match="conv stem"):
             export(vit)
-        with pytest.raises(InteropError, match="conv stem"):
-            export(vit.state_dict())
+    cfg = Config(vit=ViTConfig(dim=16, depth=1, heads=2, patch_size=4, img_size=16, stem="conv"),
+                 head=HeadConfig(hidden_dim=32, out_dim=16, num_prototypes=8))
+    model = MSN(cfg)
+    save_checkpoint(tmp_path / "run", model=model, optimizer=torch.optim.AdamW(param_groups(model)), step=1,
+                    config=to_dict(cfg))
+    for command in ("export-timm", "export-official"):
+        assert main([command, str(tmp_path / "run"), str(tmp_path / "x.pth")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "conv stem" in err and "Traceback" not in err
+    assert not (tmp_path / "x.pth").exists()
 
 
 def test_eval_cache_digest_of_a_trunk_with_batchnorm_buffers():
@@ -120,3 +145,53 @@ def test_cpu_photos_uses_the_conv_stem_and_the_demo_does_not():
     assert get_recipe("cpu_photos").vit.stem == "conv"
     assert get_recipe("cpu_demo").vit.stem == "linear"
     assert get_recipe("vit_s16").vit.stem == "linear"
+
+
+def test_a_view_that_is_not_whole_patches_is_cropped_as_the_projection_crops_it():
+    """A 14 px view at patch 4 gives 3 x 3 tokens with either stem (the strided projection drops the last
+    2 pixels; the stem is given the same 12 x 12 pixels)."""
+    vit = _vit(patch=4, img=16, dtype=torch.float32).eval()
+    x = torch.randn(2, 3, 14, 14)
+    out = vit.embed(x)
+    assert out.shape == (2, 1 + 9, 24)
+    torch.testing.assert_close(out, vit.embed(x[..., :12, :12].contiguous()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sync_batchnorm2d_in_one_process_is_batchnorm2d_with_fp32_statistics(dtype):
+    """What FSDP's bf16 policy hands the stem: bf16 weights and inputs, fp32 running statistics. The converted
+    BatchNorm2d computes in fp32 and matches nn.BatchNorm2d (values and running statistics) on the fp32 input."""
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(5)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+    bn = convert_sync_batchnorm(nn.Sequential(copy.deepcopy(ref)))[0]
+    assert type(bn) is SyncBatchNorm2d
+    bn.weight.data, bn.bias.data = bn.weight.data.to(dtype), bn.bias.data.to(dtype)
+    x = 2 + 3 * torch.randn(6, 5, 7, 3)
+    y = bn(x.to(dtype))
+    assert y.dtype == dtype and bn.running_mean.dtype == torch.float32
+    expected = ref(x)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.float(), expected, **tol)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, **tol)
+    torch.testing.assert_close(bn.running_var, ref.running_var, **tol)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_a_bf16_fsdp_run_with_the_conv_stem_trains(tmp_path):
+    """`--dist.param_dtype bf16` (FSDP2 in one process, gloo, as on a GPU): the stem's BatchNorm takes bf16
+    weights and inputs with fp32 statistics; two steps run and log finite losses."""
+    out = tmp_path / "run"
+    args = ["--vit.dim", "32", "--vit.depth", "2", "--vit.heads", "2", "--vit.img_size", "16", "--vit.stem", "conv",
+            "--head.hidden_dim", "64", "--head.out_dim", "32", "--head.num_prototypes", "16", "--data.batch_size",
+            "8", "--data.num_workers", "0", "--data.global_size", "16", "--data.focal_size", "8", "--data.num_focal",
+            "2", "--dist.param_dtype", "bf16", "--optim.epochs", "1", "--run.max_steps", "2", "--run.log_every", "1",
+            "--run.eval_lowshot", "false", "--run.out_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "msn_fast.train", *args], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

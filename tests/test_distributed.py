@@ -199,10 +199,10 @@ from msn_fast.build import build_model, build_optimizer
 from msn_fast.schedules import Schedules
 from msn_fast.train import read_step, train_step
 
-out = sys.argv[1]
+out, stem = sys.argv[1], sys.argv[2]
 info = init_distributed("cpu")
 cfg = Config(vit=ViTConfig(dim=32, depth=2, heads=2, patch_size=4, img_size=16, attn_impl="torch",
-                           embed_impl="torch"),
+                           embed_impl="torch", stem=stem),
              head=HeadConfig(hidden_dim=64, out_dim=32, num_prototypes=32),
              mask=MaskConfig(ratio=0.5, mode="per_sample"), loss=LossConfig(sinkhorn_iters=3),
              optim=OptimConfig(epochs=1, warmup_epochs=0))
@@ -237,26 +237,29 @@ if dist.is_initialized():
 """
 
 
-def test_two_process_step_matches_one_process_with_masking_and_sync_bn(tmp_path):
+@pytest.mark.parametrize("stem", ["linear", "conv"])
+def test_two_process_step_matches_one_process_with_masking_and_sync_bn(tmp_path, stem):
     """One training step (the product's train_step) of 2 gloo processes x 8 images vs 1 process x 16,
-    fp32, 50% per-sample masking (the same masks, taken by sample), SyncBN in the head, FSDP2 on the
-    two ranks, Sinkhorn and ME-MAX across ranks. Gradients (after clipping), BN running statistics
-    and the logged loss agree up to fp32 rounding of another summation order; a sum where a mean
-    belongs (2x), a missing all-reduce (half the batch) or local BN statistics are O(1) off. (The
-    parameters after the first AdamW step are not compared: that step is ~lr·sign(g), which turns a
-    rounding difference in a near-zero gradient into an O(lr) one.)"""
+    fp32, 50% per-sample masking (the same masks, taken by sample), SyncBN in the head (and in the conv
+    stem: SyncBatchNorm2d), FSDP2 on the two ranks, Sinkhorn and ME-MAX across ranks. Gradients (after
+    clipping), BN running statistics and the logged loss agree up to fp32 rounding of another summation
+    order; a sum where a mean belongs (2x), a missing all-reduce (half the batch) or local BN statistics are
+    O(1) off. (The parameters after the first AdamW step are not compared: that step is ~lr·sign(g), which
+    turns a rounding difference in a near-zero gradient into an O(lr) one.)"""
     from conftest import rounding_bound
 
     (tmp_path / "w").write_text(_STEP_WORKER)
     env = {**ENV, "PYTHONPATH": os.pathsep.join(sys.path)}
-    one = subprocess.run([sys.executable, str(tmp_path / "w"), str(tmp_path)], capture_output=True, text=True,
-                         timeout=300, env=env)
+    one = subprocess.run([sys.executable, str(tmp_path / "w"), str(tmp_path), stem], capture_output=True,
+                         text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(tmp_path / "w"), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+                          str(tmp_path / "w"), str(tmp_path), stem], capture_output=True, text=True, timeout=300,
+                         env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = torch.load(tmp_path / "world2.pt"), torch.load(tmp_path / "world1.pt")
     assert a.keys() == b.keys() and any(k.startswith("buffer.head") for k in a)
+    assert (stem == "conv") == any(k.startswith("buffer.trunk.patch_embed") for k in a)
     # Sums over up to 16 images x 17 tokens x 64 features, a few chained: conftest's rounding model.
     # Normwise over the encoder's gradient: some entries are zero in exact arithmetic (the trunk's
     # final LayerNorm bias feeds a BatchNorm, which removes any shift) and are rounding noise.
