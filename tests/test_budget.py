@@ -73,42 +73,46 @@ def test_the_plan_is_made_again_when_the_speed_changes_and_the_run_ends_inside(l
     assert next(s for s in range(7, 101) if other.after_step(s, 0)) == 50 == fast.replans[0]
 
 
-def _simulate(budget_min: float, slow_from: int, fast_s: float, slow_s: float) -> tuple[float, list]:
-    """A budgeted run on a fake clock whose steps take `fast_s` until step `slow_from`, then `slow_s`:
-    (seconds the training took, [(step, planned total)] at each plan)."""
-    t, step, total, plans = [0.0], 0, 100_000, []
+def _simulate(budget_min: float, step_s) -> tuple[float, list, str]:
+    """A budgeted run on a fake clock whose step number `step` takes `step_s(step)` seconds: (seconds the training
+    took, [(step, planned total)] at each plan, the last plan's log line)."""
+    t, step, total, plans, why = [0.0], 0, 100_000, [], ""
     budget = TimeBudget(budget_min, start=0.0, eval_images=0, clock=lambda: t[0])
     while step < total:
         step += 1
-        t[0] += fast_s if step < slow_from else slow_s
+        t[0] += step_s(step)
         if budget.after_step(step, step0=0):
-            total, _ = budget.plan(step, total)
+            total, why = budget.plan(step, total)
             plans.append((step, total))
-    return t[0], plans
+    return t[0], plans, why
+
+
+def _slows(at: int, before: float, after: float):
+    return lambda step: before if step < at else after
 
 
 @pytest.mark.parametrize("slow_from", [170, 200, 230])
 def test_a_slowdown_after_the_midpoint_still_ends_inside_the_budget(monkeypatch, slow_from):
     """The machine slows from 2 to 3 s/step at 57-77% of a 300-step plan (a shared machine, another job): the
     late re-plans shorten the run so that it still ends inside its 10 minutes (within one slow step)."""
-    took, plans = _simulate(10.0, slow_from, 2.0, 3.0)
+    took, plans, _ = _simulate(10.0, _slows(slow_from, 2.0, 3.0))
     assert plans[0] == (6, 300)
     assert took <= 600 + 3.0, plans
     assert plans[-1][1] < 300  # shortened
     assert took >= 600 - 2 * 3.0  # and the budget is still used
     # with only the early re-plans (0.25, 0.5) the same run would have overrun its budget
     monkeypatch.setattr("msn_fast.budget.REPLAN_AT", (0.25, 0.5))
-    assert _simulate(10.0, slow_from, 2.0, 3.0)[0] > 600 + 30
+    assert _simulate(10.0, _slows(slow_from, 2.0, 3.0))[0] > 600 + 30
 
 
 def test_a_speed_up_late_in_the_run_uses_the_time_it_frees(monkeypatch):
     """From 3 to 2 s/step at 60% of the plan: the late re-plans lengthen the run into some of the freed time (at
     the mean speed since the first plan, the slower one, so not all of it), inside the budget."""
-    took, plans = _simulate(10.0, 120, 3.0, 2.0)
+    took, plans, _ = _simulate(10.0, _slows(120, 3.0, 2.0))
     assert plans[-1][1] > plans[0][1]
     assert took <= 600
     monkeypatch.setattr("msn_fast.budget.REPLAN_AT", (0.25, 0.5))
-    early_only, early_plans = _simulate(10.0, 120, 3.0, 2.0)
+    early_only, early_plans, _ = _simulate(10.0, _slows(120, 3.0, 2.0))
     assert early_plans[-1][1] == plans[0][1] and took > early_only + 40
 
 
@@ -116,17 +120,10 @@ def test_a_short_fast_spell_late_in_the_run_does_not_overrun_it():
     """3 s/step, but 1.5 s/step over steps 150-180 (between the 0.75 and 0.9 re-plans of a 200-step plan): the
     0.9 re-plan takes the slower of that spell's speed and the mean since the first plan, so the run lengthens
     a little and ends within 2% of its 10 minutes (taking the spell's speed alone, it would end at 687 s)."""
-    t, step, total, plans = [0.0], 0, 100_000, []
-    budget = TimeBudget(10.0, start=0.0, eval_images=0, clock=lambda: t[0])
-    while step < total:
-        step += 1
-        t[0] += 1.5 if 150 <= step < 180 else 3.0
-        if budget.after_step(step, step0=0):
-            total, why = budget.plan(step, total)
-            plans.append((step, total))
+    took, plans, why = _simulate(10.0, lambda step: 1.5 if 150 <= step < 180 else 3.0)
     assert plans[0] == (6, 200) and plans[-1][0] == 180 and plans[-1][1] > 200
     assert "(the slower counts)" in why
-    assert t[0] <= 1.02 * 600, plans
+    assert took <= 1.02 * 600, plans
 
 
 def test_a_budgeted_run_plans_its_steps_decays_over_them_and_ends_inside(tmp_path, capfd):
