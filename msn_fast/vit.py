@@ -223,24 +223,22 @@ class VisionTransformer(nn.Module):
         """Images [B, C, H, W] -> tokens [B, 1 + K, D] (CLS first); K = N, or keep_idx.shape[-1].
 
         keep_idx: kept PATCH indices in [0, N), shared [K] or per-sample [B, K]; None keeps all.
-        A masked view goes through the fused kernel, which reads only the kept patches' pixels;
-        an unmasked view takes the plain conv path. With the conv stem every patch goes through the stem and
-        a masked view then keeps its tokens (`gather_tokens`, position embedding added in the same pass).
+        A masked view with the linear projection goes through the fused kernel, which reads only the kept
+        patches' pixels. Otherwise every patch goes through `patch_embed` (the projection, or the conv stem
+        on the whole patches) and a masked view then keeps its tokens (`gather_tokens`, position embedding
+        added in the same pass).
         """
         p = self.patch_size
         gh, gw = x.shape[-2] // p, x.shape[-1] // p
         cls = self.cls_token + self.pos_embed[:, :1]  # (1, 1, D)
-        if self.stem == "conv":
-            x = x[..., : gh * p, : gw * p]  # whole patches only, as the strided projection takes them
-            tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D): every patch through the stem
-            pos = self.patch_pos_embed(gh, gw)
-            tokens = tokens + pos if keep_idx is None else gather_tokens(tokens, keep_idx, pos, validate=False,
-                                                                        backend=self.embed_impl)  # (B, K, D)
-            return torch.cat([cls.expand(x.shape[0], -1, -1), tokens], dim=1)
-        if keep_idx is not None:
-            return embed_kept_patches(x, self.patch_embed.weight, self.patch_embed.bias, self.patch_pos_embed(gh, gw),
-                                      keep_idx, cls_token=cls, validate=False, backend=self.embed_impl)
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.patch_pos_embed(gh, gw)  # (B, N, D)
+        pos = self.patch_pos_embed(gh, gw)
+        if keep_idx is not None and self.stem == "linear":
+            return embed_kept_patches(x, self.patch_embed.weight, self.patch_embed.bias, pos, keep_idx,
+                                      cls_token=cls, validate=False, backend=self.embed_impl)
+        x = x[..., : gh * p, : gw * p]  # whole patches only (the strided projection ignores the rest anyway)
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        tokens = tokens + pos if keep_idx is None else gather_tokens(tokens, keep_idx, pos, validate=False,
+                                                                    backend=self.embed_impl)  # (B, K, D)
         return torch.cat([cls.expand(x.shape[0], -1, -1), tokens], dim=1)
 
     def forward_features(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:

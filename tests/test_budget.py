@@ -42,37 +42,6 @@ def test_plan_from_a_fake_clock():
     assert measured.plan(1 + PROBE_STEPS, 10_000)[0] == 6 + int((600 - 40 - 65) // 2)
 
 
-@pytest.mark.parametrize("later_s", [4.0, 1.0])
-def test_the_plan_is_made_again_when_the_speed_changes_and_the_run_ends_inside(later_s):
-    """2 s/step while probing, then `later_s` (another job took a core, or left): re-plans at REPLAN_AT of the
-    plan follow the speed since the previous plan, and the simulated run ends inside its 10 minutes."""
-    t, step, total, plans = [0.0], 0, 10_000, []
-    budget = TimeBudget(10.0, start=0.0, eval_images=0, clock=lambda: t[0])
-    while step < total:
-        step += 1
-        t[0] += 2.0 if step <= 1 + PROBE_STEPS else later_s
-        if budget.after_step(step, step0=0):
-            total, why = budget.plan(step, total)
-            plans.append((step, total))
-    assert 2 <= len(plans) <= 1 + len(REPLAN_AT)  # a fraction already passed under the new plan is skipped
-    assert plans[0] == (6, 6 + (600 - 12) // 2)  # the probe's speed: 294 more steps
-    assert t[0] <= 600 and t[0] >= 600 - 3 * later_s  # inside, and the budget is used
-    assert plans[-1][1] != plans[0][1]  # the plan followed the new speed
-    # a plan never asks for more steps than the run itself (the first plan's cap), however fast it gets
-    fast = TimeBudget(10.0, start=0.0, eval_images=0, clock=lambda: t[0])
-    t[0] = 0.0
-    fast.after_step(1, 0)
-    t[0] += 2.0 * PROBE_STEPS
-    assert fast.plan(6, 100)[0] == 100 and fast.replans == [round(f * 100) for f in REPLAN_AT]
-    t[0] += 0.001
-    assert fast.plan(25, 60)[0] == 100  # capped by the first plan's total, not by the current one
-    # other processes follow rank 0's plan: the same steps at which it is made again
-    other = TimeBudget(10.0, start=0.0, eval_images=0, clock=lambda: t[0])
-    other.after_step(1, 0)
-    other.adopt(fast.state)
-    assert next(s for s in range(7, 101) if other.after_step(s, 0)) == 50 == fast.replans[0]
-
-
 def _simulate(budget_min: float, step_s) -> tuple[float, list, str]:
     """A budgeted run on a fake clock whose step number `step` takes `step_s(step)` seconds: (seconds the training
     took, [(step, planned total)] at each plan, the last plan's log line)."""
@@ -89,6 +58,30 @@ def _simulate(budget_min: float, step_s) -> tuple[float, list, str]:
 
 def _slows(at: int, before: float, after: float):
     return lambda step: before if step < at else after
+
+
+@pytest.mark.parametrize("later_s", [4.0, 1.0])
+def test_the_plan_is_made_again_when_the_speed_changes_and_the_run_ends_inside(later_s):
+    """2 s/step while probing, then `later_s` (another job took a core, or left): re-plans at REPLAN_AT of the
+    plan follow the speed since the previous plan, and the simulated run ends inside its 10 minutes."""
+    took, plans, _ = _simulate(10.0, _slows(1 + PROBE_STEPS + 1, 2.0, later_s))
+    assert 2 <= len(plans) <= 1 + len(REPLAN_AT)  # a fraction already passed under the new plan is skipped
+    assert plans[0] == (6, 6 + (600 - 12) // 2)  # the probe's speed: 294 more steps
+    assert took <= 600 and took >= 600 - 3 * later_s  # inside, and the budget is used
+    assert plans[-1][1] != plans[0][1]  # the plan followed the new speed
+    # a plan never asks for more steps than the run itself (the first plan's cap), however fast it gets
+    t = [0.0]
+    fast = TimeBudget(10.0, start=0.0, eval_images=0, clock=lambda: t[0])
+    fast.after_step(1, 0)
+    t[0] += 2.0 * PROBE_STEPS
+    assert fast.plan(6, 100)[0] == 100 and fast.replans == [round(f * 100) for f in REPLAN_AT]
+    t[0] += 0.001
+    assert fast.plan(25, 60)[0] == 100  # capped by the first plan's total, not by the current one
+    # other processes follow rank 0's plan: the same steps at which it is made again
+    other = TimeBudget(10.0, start=0.0, eval_images=0, clock=lambda: t[0])
+    other.after_step(1, 0)
+    other.adopt(fast.state)
+    assert next(s for s in range(7, 101) if other.after_step(s, 0)) == 50 == fast.replans[0]
 
 
 @pytest.mark.parametrize("slow_from", [170, 200, 230])

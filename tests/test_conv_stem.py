@@ -2,10 +2,6 @@
 evaluation-cache handling of its BatchNorm buffers."""
 
 import copy
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -183,15 +179,11 @@ def test_sync_batchnorm2d_in_one_process_is_batchnorm2d_with_fp32_statistics(dty
 def test_a_bf16_fsdp_run_with_the_conv_stem_trains(tmp_path):
     """`--dist.param_dtype bf16` (FSDP2 in one process, gloo, as on a GPU): the stem's BatchNorm takes bf16
     weights and inputs with fp32 statistics; two steps run and log finite losses."""
+    from test_distributed import TINY, _losses, _run
+
     out = tmp_path / "run"
-    args = ["--vit.dim", "32", "--vit.depth", "2", "--vit.heads", "2", "--vit.img_size", "16", "--vit.stem", "conv",
-            "--head.hidden_dim", "64", "--head.out_dim", "32", "--head.num_prototypes", "16", "--data.batch_size",
-            "8", "--data.num_workers", "0", "--data.global_size", "16", "--data.focal_size", "8", "--data.num_focal",
-            "2", "--dist.param_dtype", "bf16", "--optim.epochs", "1", "--run.max_steps", "2", "--run.log_every", "1",
-            "--run.eval_lowshot", "false", "--run.out_dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-m", "msn_fast.train", *args], capture_output=True, text=True, timeout=300,
-                       env=env)
+    r = _run(TINY + ["--vit.stem", "conv", "--dist.param_dtype", "bf16", "--data.batch_size", "8", "--optim.epochs",
+                     "1", "--run.max_steps", "2", "--run.out_dir", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = _losses(out)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
