@@ -59,6 +59,8 @@ class ViTConfig:
     """kept-patch embedding backend of the masked view: auto | triton | torch"""
     stem: str = "linear"
     """patch embedding: linear (the official P x P projection) | conv (3x3 stride-2 convs with BatchNorm, then 1x1)"""
+    stem_hides_dropped: bool = False
+    """with the conv stem, zero a masked view's dropped patches before the stem, so no kept token sees their pixels"""
 
     def __post_init__(self):
         _positive(self, "vit", "dim", "depth", "heads", "patch_size")
@@ -74,6 +76,9 @@ class ViTConfig:
         _require(self.stem in ("linear", "conv"), "vit.stem", "linear or conv", self.stem)
         _require(self.stem == "linear" or (self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0),
                  "vit.patch_size", "a power of two (2, 4, 8, ...) with --vit.stem conv", self.patch_size)
+        _require(not self.stem_hides_dropped or self.stem == "conv", "vit.stem_hides_dropped",
+                 "false with --vit.stem linear (the projection never sees the dropped patches)",
+                 self.stem_hides_dropped)
 
 
 @dataclass(kw_only=True, slots=True)

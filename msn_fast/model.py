@@ -27,7 +27,7 @@ class MSN(nn.Module):
         v, h = cfg.vit, cfg.head
         arch = ViTArch(dim=v.dim, depth=v.depth, heads=v.heads, patch_size=v.patch_size, mlp_ratio=v.mlp_ratio)
         trunk = VisionTransformer(arch, img_size=v.img_size, attn_impl=v.attn_impl, embed_impl=v.embed_impl,
-                                  stem=v.stem, device=device)
+                                  stem=v.stem, hide_dropped=v.stem_hides_dropped, device=device)
         head = ProjectionHead(v.dim, h.hidden_dim, h.out_dim, h.use_bn, device=device)
         self.student = Encoder(trunk, head)
         self.target = copy.deepcopy(self.student)

@@ -117,7 +117,8 @@ class ConvStem(nn.Module):
     its upper and left neighbours'), and a masked view's kept tokens see most of the dropped patches' pixels.
     At 64 patches and mask ratio 0.3 (44 kept), 8% of the pixels are hidden from every kept token, against 31%
     with the projection (eval mode; in train mode BatchNorm's batch statistics also mix in every pixel weakly).
-    The stem's gain in `cpu_photos` was measured with this leak; a stem that hides the dropped pixels was not.
+    `hide_dropped` (`vit.stem_hides_dropped`) closes it: a masked view's dropped patches are zeroed before the
+    stem. In a paired held-out run it scored within a draw's std of the leaking stem (README, sixth round).
 
     PyTorch's default init of the convolutions. BatchNorm runs in train mode during training, as the projection
     head's; its running statistics, updated by each encoder's own forwards, serve the evaluation's eval mode (a
@@ -147,6 +148,13 @@ class ConvStem(nn.Module):
 STEMS = ("linear", "conv")
 
 
+def kept_pixels(keep_idx: torch.Tensor, gh: int, gw: int, p: int, dtype) -> torch.Tensor:
+    """1 on the kept patches' pixels, 0 on the dropped ones': keep_idx [K] or [B, K] -> [B or 1, 1, gh·p, gw·p]."""
+    idx = keep_idx.view(-1 if keep_idx.dim() == 2 else 1, keep_idx.shape[-1])
+    m = torch.zeros(idx.shape[0], gh * gw, dtype=dtype, device=keep_idx.device).scatter_(1, idx, 1.0)
+    return m.view(-1, 1, gh, 1, gw, 1).expand(-1, -1, -1, p, -1, p).reshape(-1, 1, gh * p, gw * p)
+
+
 class VisionTransformer(nn.Module):
     """ViT encoder returning the CLS token; `keep_idx` drops patch tokens after the pos-embed add.
 
@@ -158,15 +166,18 @@ class VisionTransformer(nn.Module):
             the conv stem of the gather of their kept tokens (`gather_tokens`).
         stem: "linear" (the official P x P patch projection, `patch_embed` an nn.Conv2d) or "conv" (`ConvStem`:
             every patch goes through the stem, then a masked view keeps its tokens).
+        hide_dropped: with the conv stem, zero a masked view's dropped patches before the stem (`kept_pixels`).
     """
 
     def __init__(self, arch: ViTArch, img_size: int = 224, in_chans: int = 3, attn_impl: str = "auto",
-                 embed_impl: str = "auto", stem: str = "linear", device=None, dtype=None):
+                 embed_impl: str = "auto", stem: str = "linear", hide_dropped: bool = False, device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; known: {', '.join(STEMS)}")
-        self.stem = stem
+        if hide_dropped and stem != "conv":
+            raise ValueError("hide_dropped needs the conv stem (the linear projection never sees dropped patches)")
+        self.stem, self.hide_dropped = stem, hide_dropped
         self.arch, self.img_size, self.patch_size = arch, img_size, arch.patch_size
         self.embed_impl = embed_impl
         self.grid = img_size // arch.patch_size
@@ -236,6 +247,8 @@ class VisionTransformer(nn.Module):
             return embed_kept_patches(x, self.patch_embed.weight, self.patch_embed.bias, pos, keep_idx,
                                       cls_token=cls, validate=False, backend=self.embed_impl)
         x = x[..., : gh * p, : gw * p]  # whole patches only (the strided projection ignores the rest anyway)
+        if keep_idx is not None and self.hide_dropped:
+            x = x * kept_pixels(keep_idx, gh, gw, p, x.dtype)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         tokens = tokens + pos if keep_idx is None else gather_tokens(tokens, keep_idx, pos, validate=False,
                                                                     backend=self.embed_impl)  # (B, K, D)

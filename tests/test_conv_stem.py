@@ -187,3 +187,40 @@ def test_a_bf16_fsdp_run_with_the_conv_stem_trains(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     losses = _losses(out)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_sample"])
+def test_hide_dropped_zeroes_the_dropped_patches_before_the_stem(mode):
+    """`vit.stem_hides_dropped`: a masked view is the stem of the image with the dropped patches' pixels zeroed
+    (values against a mask built pixel by pixel, fp64, train mode); no gradient reaches a dropped pixel, every
+    kept patch's pixels get one. Without it the overlapping windows leak: dropped pixels get gradients."""
+    x = torch.randn(3, 3, 20, 12, dtype=torch.float64)  # 5 x 3 patches of 4 px
+    n = 15
+    keep = torch.randperm(n)[:6] if mode == "shared" else torch.stack([torch.randperm(n)[:6] for _ in range(3)])
+    rows = keep.expand(3, -1) if keep.dim() == 1 else keep
+    ref_mask = torch.zeros(3, 1, 20, 12, dtype=torch.float64)
+    for b in range(3):
+        for i in rows[b].tolist():
+            r, c = divmod(i, 3)
+            ref_mask[b, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = 1
+    hide, leak = _vit(img=20, hide_dropped=True), _vit(img=20)
+    out = hide.embed(x, keep)
+    full = leak.embed(x * ref_mask)  # same weights (same seed): the full view of the zeroed image
+    ref = torch.cat([full[:, :1], torch.gather(full[:, 1:], 1, rows[..., None].expand(-1, -1, 24))], 1)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for vit, hidden in ((hide, True), (leak, False)):
+        xg = x.clone().requires_grad_(True)
+        (vit.cls_features(xg, keep) * torch.randn(3, 24, dtype=torch.float64)).sum().backward()
+        g = xg.grad.abs().sum(1, keepdim=True)
+        assert bool((g[ref_mask.bool()] > 0).all())  # every kept pixel counts
+        dropped = g[~ref_mask.bool()]
+        assert bool((dropped == 0).all()) if hidden else bool((dropped > 0).any())
+    torch.testing.assert_close(hide.embed(x), leak.embed(x), rtol=0, atol=0)  # unmasked views: unchanged
+
+
+def test_hide_dropped_needs_the_conv_stem():
+    with pytest.raises(ValueError, match="--vit.stem_hides_dropped must be false with --vit.stem linear"):
+        ViTConfig(stem_hides_dropped=True)
+    ViTConfig(stem="conv", patch_size=4, img_size=32, stem_hides_dropped=True)
+    with pytest.raises(ValueError, match="hide_dropped needs the conv stem"):
+        VisionTransformer(ViTArch(dim=24, depth=1, heads=3, patch_size=4), img_size=16, hide_dropped=True)
