@@ -97,3 +97,51 @@ def test_end_of_run_report_reads_each_image_once():
     report = lowshot_report(MSN(cfg), cfg, train, test, torch.device("cpu"), shots=(1,))
     assert train.reads == [1] * 12 and test.reads == [1] * 9
     assert set(report["results"]) == {"msn (target encoder)", "random-init encoder", "raw pixels"}
+
+
+def test_a_source_is_digested_once_and_a_new_listing_sees_a_changed_file(tmp_path, monkeypatch):
+    """The cache key's digest of an image folder (path, size, mtime of every file) is computed once per source
+    object; a new listing of the folder (each report lists it anew) sees a changed file."""
+    from msn_fast import features
+    from msn_fast.dataloading.sources import ImageFolder
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(3):
+            Image.new("RGB", (5, 5), (40 * i, c, 0)).save(tmp_path / f"c{c}" / f"{i}.png")
+    stats = []
+    real_stat = features.os.stat
+    monkeypatch.setattr(features.os, "stat",  # count the image files' stats (listing a folder stats folders)
+                        lambda p, *a, **k: (str(p).endswith(".png") and stats.append(p)) or real_stat(p, *a, **k))
+    src = ImageFolder(tmp_path)
+    first = features._digest_source(src)
+    assert len(stats) == 6 and features._digest_source(src) == first and len(stats) == 6
+    Image.new("RGB", (6, 5), (1, 2, 3)).save(tmp_path / "c1" / "2.png")
+    again, n = ImageFolder(tmp_path), len(stats)
+    assert features._digest_source(again) != first and len(stats) == n + 6
+
+    class Slotted:  # takes no weak reference: digested on every call, still right
+        __slots__ = ("samples",)
+
+    plain = Slotted()
+    plain.samples = again.samples
+    assert features._digest_source(plain) == features._digest_source(again) and len(stats) == n + 12
+
+
+def test_the_pixel_cache_decodes_on_every_core_and_encoders_keep_one_decoder(tmp_path, monkeypatch):
+    """Decoding into the pixel cache (no encoder to run) uses every usable core for loader processes; extracting
+    an encoder's features leaves the cores to it, with one decoding process beside it."""
+    from msn_fast import features
+    from msn_fast.dataloading import eval_transform
+
+    seen = []
+    real = features.extract_feature_sets
+    monkeypatch.setattr(features, "extract_feature_sets",
+                        lambda *a, **k: seen.append(a[6] if len(a) > 6 else k.get("num_workers")) or real(*a, **k))
+    monkeypatch.setattr(features, "usable_cores", lambda: 2)
+    src, tf = _CountingSource(9), eval_transform(8)
+    pix, y, kept, hit = features.cached_features(features.raw_pixels, src, tf, {"kind": "raw-pixels"}, None, "cpu", 4)
+    enc = features.cached_features(lambda x: x.flatten(1)[:, :5], src, tf, {"kind": "x"}, None, "cpu", 4)
+    assert seen == [2, 1] and not hit
+    assert pix.shape == (8, 192) and kept.tolist() == [0, 1, 2, 4, 5, 6, 7, 8]
+    np.testing.assert_array_equal(enc[0], pix[:, :5])
