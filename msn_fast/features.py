@@ -189,8 +189,9 @@ def _digest_source(src) -> str:
 def cached_features(fn, src, transform, key_parts: dict, cache: Path | None, device,
                     batch_size: int, desc: str = "features") -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """(features, labels, index into src of each row, from_cache) of an image folder `src`. The key covers the
-    weights, every image (path, size, mtime) and the transform; a changed file, checkpoint or crop size
-    extracts anew."""
+    weights, every image (path, size, mtime) and the transform; a changed checkpoint or crop size extracts anew,
+    and so does a changed file once the folder is listed anew (the digest is kept per listing: `_digest_source`;
+    every report lists its folders)."""
     file = cache / f"{_cache_key(key_parts, src, transform)}.npz" if cache is not None else None
     hit = _load(file, len(src))
     if hit is not None:

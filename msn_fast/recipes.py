@@ -65,8 +65,8 @@ def cpu_photos() -> Config:
     A conv stem (`vit.stem conv`: two 3x3 stride-2 convolutions, then 1x1) in place of the linear patch projection:
     in two paired 15-minute runs (seeds 0 and 1) it scored +1.3 / +0.3 / +1.1 and +0.6 / +1.0 / +0.6 points at
     1 / 2 / 5 shots, though its steps cost 7% more. Its overlapping windows let the masked anchor see most of the
-    dropped patches' pixels (vit.ConvStem); hiding them (`vit.stem_hides_dropped`) moved a paired run by -0.8 / -0.2
-    / +0.3 points, so the gain is not the weaker mask's.
+    dropped patches' pixels (vit.ConvStem); hiding them (`vit.stem_hides_dropped`) moved one paired run by -0.8 / -0.2
+    / +0.3 points (± 0.3-0.4): at 1 shot up to about half the stem's gain may be the weaker mask's; not settled.
     """
     cfg = cpu_demo()
     cfg.model = "cpu_photos"

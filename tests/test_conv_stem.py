@@ -12,7 +12,7 @@ from msn_fast.distributed import SyncBatchNorm2d, convert_sync_batchnorm
 from msn_fast.features import _digest_tensors
 from msn_fast.interop import InteropError, to_hf_state_dict, to_timm_state_dict
 from msn_fast.recipes import get_recipe
-from msn_fast.vit import ConvStem, VisionTransformer, ViTArch
+from msn_fast.vit import ConvStem, VisionTransformer, ViTArch, kept_pixel_mask
 
 
 def _vit(patch=4, img=16, dim=24, depth=2, dtype=torch.float64, **kw):
@@ -192,8 +192,9 @@ def test_a_bf16_fsdp_run_with_the_conv_stem_trains(tmp_path):
 @pytest.mark.parametrize("mode", ["shared", "per_sample"])
 def test_hide_dropped_zeroes_the_dropped_patches_before_the_stem(mode):
     """`vit.stem_hides_dropped`: a masked view is the stem of the image with the dropped patches' pixels zeroed
-    (values against a mask built pixel by pixel, fp64, train mode); no gradient reaches a dropped pixel, every
-    kept patch's pixels get one. Without it the overlapping windows leak: dropped pixels get gradients."""
+    (values against a mask built pixel by pixel, fp64, train mode); no gradient reaches a dropped pixel in train or
+    eval mode, every kept patch's pixels get one. Without it the overlapping windows leak: in eval mode (no batch
+    statistics mixing every pixel in) dropped pixels get gradients."""
     x = torch.randn(3, 3, 20, 12, dtype=torch.float64)  # 5 x 3 patches of 4 px
     n = 15
     keep = torch.randperm(n)[:6] if mode == "shared" else torch.stack([torch.randperm(n)[:6] for _ in range(3)])
@@ -209,13 +210,34 @@ def test_hide_dropped_zeroes_the_dropped_patches_before_the_stem(mode):
     ref = torch.cat([full[:, :1], torch.gather(full[:, 1:], 1, rows[..., None].expand(-1, -1, 24))], 1)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for vit, hidden in ((hide, True), (leak, False)):
-        xg = x.clone().requires_grad_(True)
-        (vit.cls_features(xg, keep) * torch.randn(3, 24, dtype=torch.float64)).sum().backward()
-        g = xg.grad.abs().sum(1, keepdim=True)
-        assert bool((g[ref_mask.bool()] > 0).all())  # every kept pixel counts
-        dropped = g[~ref_mask.bool()]
-        assert bool((dropped == 0).all()) if hidden else bool((dropped > 0).any())
+        for train in (True, False):
+            vit.train(train)
+            xg = x.clone().requires_grad_(True)
+            (vit.cls_features(xg, keep) * torch.randn(3, 24, dtype=torch.float64)).sum().backward()
+            g = xg.grad.abs().sum(1, keepdim=True)
+            dropped = g[~ref_mask.bool()]
+            if train:  # batch statistics: every pixel of the batch reaches every output, unless it was zeroed
+                assert bool((g[ref_mask.bool()] > 0).all())
+            if hidden:
+                assert bool((dropped == 0).all())
+            elif not train:  # running statistics: what reaches a kept token is its overlapping 3x3 windows alone
+                assert bool((dropped > 0).any())
+        vit.train()
     torch.testing.assert_close(hide.embed(x), leak.embed(x), rtol=0, atol=0)  # unmasked views: unchanged
+
+
+def test_kept_pixel_mask_takes_shared_or_per_sample_indices_of_any_integer_type():
+    """[K] -> one mask for the batch, [B, K] -> one per sample; int32 indices as int64; 1 exactly on the kept
+    patches (patch i at row i // gw, column i % gw)."""
+    shared = kept_pixel_mask(torch.tensor([4, 0], dtype=torch.int32), 2, 3, 2, torch.bfloat16, "cpu")
+    assert shared.shape == (1, 1, 4, 6) and shared.dtype == torch.bfloat16
+    want = torch.zeros(4, 6)
+    want[0:2, 0:2] = want[2:4, 2:4] = 1
+    assert torch.equal(shared[0, 0].float(), want)
+    per_sample = kept_pixel_mask(torch.tensor([[4, 0], [5, 1]]), 2, 3, 2, torch.float32, "cpu")
+    assert per_sample.shape == (2, 1, 4, 6) and torch.equal(per_sample[0, 0], want)
+    second = per_sample[1, 0]  # patches 5 (row 1, column 2) and 1 (row 0, column 1)
+    assert second.sum() == 8 and second[2:4, 4:6].sum() == 4 and second[0:2, 2:4].sum() == 4
 
 
 def test_hide_dropped_needs_the_conv_stem():

@@ -129,8 +129,8 @@ def test_a_source_is_digested_once_and_a_new_listing_sees_a_changed_file(tmp_pat
 
 
 def test_the_pixel_cache_decodes_on_every_core_and_encoders_keep_one_decoder(tmp_path, monkeypatch):
-    """Decoding into the pixel cache (no encoder to run) uses every usable core for loader processes; extracting
-    an encoder's features leaves the cores to it, with one decoding process beside it."""
+    """Decoding into the pixel cache (no encoder to run) uses a loader process per usable core (up to 8);
+    extracting an encoder's features leaves the cores to it, with one decoding process beside it."""
     from msn_fast import features
     from msn_fast.dataloading import eval_transform
 
