@@ -1,7 +1,7 @@
 """The whole MSN training step, masked vs unmasked: images/s, counted FLOPs, MFU, memory (issue 8).
 
 One step = schedules, target forward (EMA encoder, no grad), anchor (masked) and 10 focal views forward and
-backward, prototype loss, gradient clip, AdamW, EMA: `msn_fast.train.train_step`, at mask ratios 0, 0.3,
+backward, prototype loss, gradient clip, AdamW, EMA: `msn_fast.step.train_step`, at mask ratios 0, 0.3,
 0.5, 0.7. The speed-up over the unmasked step is timed in the same run, an unmasked step before each timed
 masked one, and shown beside the FLOP-ideal one (counted FLOPs, unmasked / masked) and the paper's Table 10 ratios.
 
@@ -39,7 +39,7 @@ from msn_fast.cli import apply_overrides
 from msn_fast.dataloading import MultiViewBatch
 from msn_fast.recipes import get_recipe
 from msn_fast.schedules import Schedules
-from msn_fast.train import train_step
+from msn_fast.step import train_step
 
 HAS_CUDA = torch.cuda.is_available()
 RATIOS = (0.0, 0.3, 0.5, 0.7)

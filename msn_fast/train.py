@@ -16,7 +16,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -31,14 +30,14 @@ from .cli import UsageError, apply_overrides, help_text
 from .config import Config, to_dict, to_json
 from .cpu_resources import cpu_training_threads, fit_batch_to_cpu_memory
 from .data_sources import build_sources
-from .distributed import all_reduce_grad_mean, init_distributed
-from .ema import ema_update
+from .distributed import init_distributed
 from .evaluation import lowshot_report
 from .flops import gpu_peak_flops, step_flops_per_image
 from .metrics import JsonlWriter, StepLogger, setup_logging
 from .model import MSN
 from .recipes import get_recipe
 from .schedules import MAX_WARMUP_FRACTION, Schedules
+from .step import non_finite_state, read_step, train_step
 from .vit import num_params
 
 log = logging.getLogger("msn_fast.train")
@@ -89,91 +88,6 @@ def stop_agreed(stop: list[tuple[str, int]], device: torch.device) -> bool:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         flag = bool(t.item())
     return flag
-
-
-class StepResult(NamedTuple):
-    """What one step leaves for the loop, on the device: read (one sync) only at log and checkpoint steps."""
-
-    ok: torch.Tensor  # 0-dim bool: the loss was finite and the update applied
-    terms: torch.Tensor  # [5]: loss, ce, me_max, max_t, num_targets of this process
-    lr: float
-    wd: float
-    momentum: float
-
-
-def skip_or_step(optimizer, ok: torch.Tensor) -> None:
-    """optimizer.step(), skipped on the device when `ok` is False (state, step counts and weights unchanged),
-    as GradScaler does for optimizers that take `found_inf` (torch's fused AdamW). Any other (apex) syncs once."""
-    if getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.grad_scale, optimizer.found_inf = None, (~ok).to(torch.float32)  # 0-dim, as the step counts
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale, optimizer.found_inf
-    elif ok.item():
-        optimizer.step()
-
-
-def train_step(model: MSN, batch, optimizer, sched: Schedules, step: int, cfg: Config) -> StepResult:
-    """One optimisation step that never waits for the device (no .item(), no host sync).
-
-    A non-finite loss (every process agrees: the loss comes from all-reduced terms) skips the step on the
-    device and changes no state: the forward's BatchNorm updates (running statistics of the student's and
-    target's heads, and of a conv stem) are undone with torch.where, the optimizer skips its update (found_inf),
-    the EMA weight is 0. The backward still runs (its gradients are discarded). The RNG has advanced: the next
-    step draws new masks, as it would have.
-    """
-    lr, wd = sched.lr(step), sched.wd(step)
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-        if g["apply_wd"]:
-            g["weight_decay"] = wd
-    buffers = [b for b in model.buffers() if b.numel()]
-    before = [b.clone() for b in buffers]
-    loss, stats = model.loss(batch.globals, batch.focals)
-    ok = torch.isfinite(loss.detach())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    for b, old in zip(buffers, before):  # after the backward, which saved the buffers' versions
-        b.copy_(torch.where(ok, b, old))
-    all_reduce_grad_mean(model.prototypes)
-    if cfg.optim.clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(list(model.student.parameters()), cfg.optim.clip_grad)
-    skip_or_step(optimizer, ok)
-    momentum = sched.momentum(step)
-    ema_update(model.target, model.student, momentum, skip=~ok)
-    terms = torch.stack([loss.detach(), stats.ce, stats.me_max, stats.max_target_prob, stats.num_targets.float()])
-    return StepResult(ok, terms, lr, wd, momentum)
-
-
-def read_step(r: StepResult, streaks: torch.Tensor) -> tuple[bool, list[float], list[int]]:
-    """A log or checkpoint step's read of the device, in one host sync: (ok, metrics of the global batch, [streak,
-    longest streak since the last read, skipped in total]). The terms are averaged over processes here, not per
-    step."""
-    terms = r.terms
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        terms = terms.clone()
-        dist.all_reduce(terms)
-        terms /= dist.get_world_size()
-    values = torch.cat([r.ok.to(terms.dtype).reshape(1), terms, streaks.to(terms.dtype)]).tolist()
-    return bool(values[0]), values[1:6], [int(v) for v in values[6:]]
-
-
-def non_finite_state(model: MSN, device: torch.device, optimizer=None) -> list[str]:
-    """Names of the parameters, buffers and optimizer state tensors holding a NaN or inf (all processes agree);
-    [] when all are finite."""
-    named = list(model.named_parameters()) + list(model.named_buffers())
-    if optimizer is not None:
-        named += [(f"optimizer state {k}", v) for st in optimizer.state.values() for k, v in st.items()
-                  if torch.is_tensor(v)]
-    bad = [n for n, t in named if t.is_floating_point()
-           and not bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all())]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        flag = torch.tensor([float(bool(bad))], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not bad:
-            bad = ["a tensor on another process"]
-    return bad
 
 
 def last_good(out: Path) -> str:

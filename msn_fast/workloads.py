@@ -2,7 +2,7 @@
 
 Kept apart from check.py (the command: sections, tables, exit status) so each reads on its own. The inputs
 are those of the training step (msn_fast/model.py, msn_fast/vit.py), the step is the trainer's own
-(build.build_model, build_optimizer, train.train_step) on random images.
+(build.build_model, build_optimizer, step.train_step) on random images.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def cpu_step_config(cfg: Config) -> list[str]:
 
 
 def step_section(cfg: Config, device: torch.device, batch: int, rounds: int, peak_flops: float | None) -> dict:
-    """The trainer's step (build.build_model / build_optimizer, train.train_step) on random images, at the
+    """The trainer's step (build.build_model / build_optimizer, step.train_step) on random images, at the
     recipe's mask ratio and unmasked: median seconds, img/s, MFU, peak memory (allocated, CUDA only)."""
     import torch.distributed as dist
 
@@ -145,7 +145,7 @@ def step_section(cfg: Config, device: torch.device, batch: int, rounds: int, pea
     from .build import build_model, build_optimizer
     from .distributed import DistInfo
     from .schedules import Schedules
-    from .train import train_step
+    from .step import train_step
 
     cfg.data.batch_size, d = batch, cfg.data
     out = {"batch": batch, "rounds": rounds, "mask_ratio": cfg.mask.ratio, "ok": False, "error": None}

@@ -80,12 +80,12 @@ def test_a_broken_kernel_fails_the_check_by_name(monkeypatch, capsys, broken):
 
 
 def test_step_that_raises_is_a_failure(monkeypatch, capsys):
-    import msn_fast.train
+    import msn_fast.step
 
     def boom(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (planted)")
 
-    monkeypatch.setattr(msn_fast.train, "train_step", boom)
+    monkeypatch.setattr(msn_fast.step, "train_step", boom)
     rc = check.main(["--model", "vit_s16", "--no-compile", "--rounds", "1"])
     out = capsys.readouterr().out
     assert rc == 1 and out.rstrip().splitlines()[-1] == "msn_fast.check: FAILED: step"

@@ -197,7 +197,7 @@ from msn_fast.config import Config, HeadConfig, LossConfig, MaskConfig, OptimCon
 from msn_fast.distributed import init_distributed
 from msn_fast.build import build_model, build_optimizer
 from msn_fast.schedules import Schedules
-from msn_fast.train import read_step, train_step
+from msn_fast.step import read_step, train_step
 
 out, stem = sys.argv[1], sys.argv[2]
 info = init_distributed("cpu")

@@ -547,7 +547,7 @@ def _batch(cfg, seed):
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_a_skipped_step_leaves_every_tensor_bit_identical(monkeypatch, poison):
     from msn_fast.schedules import Schedules
-    from msn_fast.train import train_step
+    from msn_fast.step import train_step
 
     cfg = apply_overrides(get_recipe("cpu_demo"), SMALL + ["--data.num_focal", "2"])
     torch.manual_seed(0)
@@ -577,21 +577,22 @@ def test_a_skipped_step_leaves_every_tensor_bit_identical(monkeypatch, poison):
 def test_non_finite_state_is_never_committed_and_divergence_names_only_real_checkpoints(tmp_path, monkeypatch,
                                                                                           capsys):
     from msn_fast import model as model_mod
+    from msn_fast import step as step_mod
     from msn_fast import train as train_mod
 
-    real_ema = train_mod.ema_update
+    real_ema = step_mod.ema_update
 
     def poisoned_ema(target, student, m, skip=None):
         real_ema(target, student, m, skip=skip)
         next(target.parameters()).data.fill_(float("nan"))
 
-    monkeypatch.setattr(train_mod, "ema_update", poisoned_ema)
+    monkeypatch.setattr(step_mod, "ema_update", poisoned_ema)
     out = tmp_path / "nan_state"
     assert train_mod.main(RUN + ["--run.out_dir", str(out)]) == 1
     err = capsys.readouterr().err
     assert "model state is not finite" in err and "not saved" in err and "No checkpoint was saved" in err, err
     assert find_checkpoint(out) is None
-    monkeypatch.setattr(train_mod, "ema_update", real_ema)
+    monkeypatch.setattr(step_mod, "ema_update", real_ema)
 
     real_loss = model_mod.MSN.loss
     monkeypatch.setattr(model_mod.MSN, "loss", lambda self, *a, **k: (lambda r: (r[0] * float("nan"), r[1]))(

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from test_eval_cli import _folder_dataset
 
-from msn_fast import study
+from msn_fast import study, study_report
 from msn_fast.checkpoint import list_checkpoints, load_meta
 
 TINY = ["--model", "cpu_demo", "--", "--run.max_steps", "6", "--data.batch_size", "6", "--data.num_workers", "0",
@@ -22,15 +22,15 @@ def test_margins_take_the_best_baseline_and_the_bar_needs_every_shot_and_both_me
     msn = _report({"1-shot": (0.30, 0.30), "2-shot": (0.33, 0.31), "5-shot": (0.40, 0.36)}, "msn")
     rand = _report({"1-shot": (0.15, 0.15), "2-shot": (0.18, 0.18), "5-shot": (0.20, 0.20)}, "random")
     pix = _report({"1-shot": (0.19, 0.19), "2-shot": (0.21, 0.22), "5-shot": (0.30, 0.25)}, "pixels")
-    gaps = study.margins([msn, rand, pix])
+    gaps = study_report.margins([msn, rand, pix])
     assert gaps["1-shot"] == {"mean": 11.0, "class_mean": 11.0}
     assert gaps["2-shot"] == {"mean": 12.0, "class_mean": 9.0}  # the best baseline per mean: pixels' 0.22
     assert gaps["5-shot"] == {"mean": 10.0, "class_mean": 11.0}
-    assert study.bar_verdict("cifar10", gaps)["met"] is False  # 2-shot per-class margin 9 < 10
-    assert study.bar_verdict("caltech101", gaps)["met"] is True  # 5-shot only, 5 points
-    assert study.bar_verdict("photos", gaps) is None  # no bar for a set the issue does not name
+    assert study_report.bar_verdict("cifar10", gaps)["met"] is False  # 2-shot per-class margin 9 < 10
+    assert study_report.bar_verdict("caltech101", gaps)["met"] is True  # 5-shot only, 5 points
+    assert study_report.bar_verdict("photos", gaps) is None  # no bar for a set the issue does not name
     gaps["2-shot"]["class_mean"] = 10.0
-    assert study.bar_verdict("cifar10", gaps)["met"] is True
+    assert study_report.bar_verdict("cifar10", gaps)["met"] is True
 
 
 def test_curve_points_take_the_last_checkpoint_before_each_mark(monkeypatch):
