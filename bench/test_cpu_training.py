@@ -1,11 +1,12 @@
 """Benchmark: the CPU recipe's training throughput with the per-image and the batched augmentation, against a GEMM
 ceiling measured in the same run.
 
-The real trainer (`python -m msn_fast.train --model cpu_demo`, its 32 px views) runs in a subprocess on
-CIFAR-10's train split (../shared/data/cifar10; generated 32 px JPEGs when absent) for MSN_BENCH_STEPS steps
-(default 60), no checkpoint, no evaluation, in three settings, MSN_BENCH_ROUNDS rounds (default 2) interleaved
-(A B C, C B A, ...; each round's images/s is printed too, the VM's speed drifts), each with
-the trainer's own thread choice:
+The real trainer (`python -m msn_fast.train --model MSN_BENCH_MODEL`, default `cpu_photos`: the recipe of the
+label-efficiency study, 32 px views, conv stem; `cpu_demo` for its linear patch projection) runs in a subprocess
+on CIFAR-10's train split (../shared/data/cifar10; generated 32 px JPEGs when absent) for MSN_BENCH_STEPS steps
+(default 60; `--run.time_budget 0`, so the steps are the run), no checkpoint, no evaluation, in three settings,
+MSN_BENCH_ROUNDS rounds (default 2) interleaved (A B C, C B A, ...; each round's images/s is printed too, the VM's
+speed drifts), each with the trainer's own thread choice:
 - per_image: `--data.augment per_image --data.num_workers 1` (torchvision on each image in one loader worker;
   training gets 1 thread, the other core is left to the worker) - the behaviour before batched augmentation;
 - batched_worker: `--data.augment batched --data.num_workers 1` (one worker decodes and makes the batch's views;
@@ -14,11 +15,14 @@ the trainer's own thread choice:
   the training process, between steps, with both cores).
 Images/s is the median of the trainer's own log lines after the first (its `img_per_s`, metrics.jsonl). GFLOP/s =
 images/s x the step's FLOPs per image (msn_fast.flops.step_flops_per_image: target forward + student forward and
-backward; patch embedding, head and loss left out), against the fp32 GEMM ceiling: the median GFLOP/s of a
-1024 x 1024 x 1024 `torch.mm` on every core, timed between the training rounds; and against a second ceiling at
-the step's own sizes: the GFLOP/s of the ViT blocks' linear-layer GEMMs (msn_fast.flops.linear_gemms; D = 128
-and 32 x 65 rows, say), each timed alone on every core and weighted by its count in the step. The first says
-how much of the machine the step uses; the second how much of what GEMMs this small can reach in this BLAS.
+backward; patch embedding or conv stem, head and loss left out, so the fractions below understate the step: for
+`cpu_photos` the conv stem adds about 27 MFLOP an image to the blocks' 369, 7%; torch's FlopCounterMode,
+bench/results/2026-12-06-cpu-training-photos/stem_flops.py), against
+the fp32 GEMM ceiling: the median GFLOP/s of a 1024 x 1024 x 1024 `torch.mm` on every core, timed between the
+training rounds; and against a second ceiling at the step's own sizes: the GFLOP/s of the ViT blocks' linear-layer
+GEMMs (msn_fast.flops.linear_gemms; D = 128 and 32 x 65 rows, say), each timed alone on every core and weighted by
+its count in the step. The first says how much of the machine the step uses; the second how much of what GEMMs this
+small can reach in this BLAS.
 Run: pytest bench/test_cpu_training.py --benchmark-only -s
 """
 
@@ -41,6 +45,7 @@ from PIL import Image
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 STEPS = int(os.environ.get("MSN_BENCH_STEPS", "60"))
 ROUNDS = int(os.environ.get("MSN_BENCH_ROUNDS", "2"))
+MODEL = os.environ.get("MSN_BENCH_MODEL", "cpu_photos")
 SETTINGS = {"per_image": ("per_image", 1), "batched_worker": ("batched", 1), "batched": ("batched", 0)}
 
 
@@ -57,9 +62,10 @@ def _data(tmp_path_factory) -> tuple[Path, str]:
 def _train(data: Path, out: Path, augment: str, workers: int) -> float:
     """Median images/s of the trainer's log lines after the first, for one run."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    cmd = [sys.executable, "-m", "msn_fast.train", "--model", "cpu_demo", "--data.path", str(data), "--data.augment",
+    cmd = [sys.executable, "-m", "msn_fast.train", "--model", MODEL, "--data.path", str(data), "--data.augment",
            augment, "--data.num_workers", str(workers), "--run.max_steps", str(STEPS), "--run.log_every", "10",
-           "--run.checkpoint_every", "100000", "--run.eval_lowshot", "false", "--run.out_dir", str(out)]
+           "--run.checkpoint_every", "100000", "--run.eval_lowshot", "false", "--run.time_budget", "0",
+           "--run.out_dir", str(out)]
     env["MSN_FAST_PROGRESS"] = "0"
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -102,7 +108,7 @@ def test_cpu_recipe_training_throughput(benchmark, bench_report, tmp_path, tmp_p
         pytest.skip("a CPU benchmark (the recipe for a 2-core CPU)")
     data, what = _data(tmp_path_factory)
     rates: dict[str, list[float]] = {k: [] for k in SETTINGS}
-    cfg = get_recipe("cpu_demo")
+    cfg = get_recipe(MODEL)
     gemm, step_gemm = [], []
     order = list(SETTINGS)
     for r in range(ROUNDS):
@@ -114,8 +120,8 @@ def test_cpu_recipe_training_throughput(benchmark, bench_report, tmp_path, tmp_p
     flops = step_flops_per_image(cfg)
     ceiling, step_ceiling = statistics.median(gemm), statistics.median(step_gemm)
     base = statistics.median(rates["per_image"])
-    info = {"data": what, "steps": STEPS, "threads": torch.get_num_threads(), "gemm_gflops": round(ceiling, 1),
-            "step_gemm_gflops": round(step_ceiling, 1)}
+    info = {"model": MODEL, "data": what, "steps": STEPS, "threads": torch.get_num_threads(),
+            "gemm_gflops": round(ceiling, 1), "step_gemm_gflops": round(step_ceiling, 1)}
     for name, rs in rates.items():
         ips = statistics.median(rs)
         info[f"{name}_img_s"] = round(ips, 1)
