@@ -39,7 +39,8 @@ def cpu_demo() -> Config:
     this short, and with Sinkhorn off the targets collapse onto 1-4 prototypes; lr 3e-3 or no colour
     jitter leave the encoder level with random weights. The batched augmentation runs in the training process
     (`num_workers` 0): with every core training, a loader worker only takes cycles from the GEMM threads
-    (README, "Batched augmentation": as fast or faster in every pair measured but one, within noise).
+    (README, "Batched augmentation": as fast or faster in every pair measured at commit 9d30344 but one; after
+    the CLS-only last block, which placement was faster changed from run to run).
     """
     return Config(
         model="cpu_demo",
@@ -66,7 +67,8 @@ def cpu_photos() -> Config:
     in two paired 15-minute runs (seeds 0 and 1) it scored +1.3 / +0.3 / +1.1 and +0.6 / +1.0 / +0.6 points at
     1 / 2 / 5 shots, though its steps cost 7% more. Its overlapping windows let the masked anchor see most of the
     dropped patches' pixels (vit.ConvStem); hiding them (`vit.stem_hides_dropped`) moved one paired run by -0.8 / -0.2
-    / +0.3 points (± 0.3-0.4): at 1 shot up to about half the stem's gain may be the weaker mask's; not settled.
+    / +0.3 points (± 0.3-0.4): at 1 shot hiding cost about what the stem gained there, so part of that gain may be
+    the weaker mask's; not settled. 64 prototypes in place of 16 moved nothing (-0.5 / +0.7 / +0.3, paired draws).
     """
     cfg = cpu_demo()
     cfg.model = "cpu_photos"
