@@ -307,3 +307,46 @@ def from_dict(d: dict) -> Config:
         vals = {k: tuple(v) if isinstance(v, list) else v for k, v in d.get(f.name, {}).items()}
         sections[f.name] = section_cls(**vals)
     return Config(model=d.get("model", "vit_tiny"), **sections)
+
+
+MODEL_SHAPE_FIELDS = {"vit": ("dim", "depth", "heads", "patch_size", "img_size", "mlp_ratio", "stem"),
+                      "head": ("hidden_dim", "out_dim", "use_bn", "num_prototypes")}
+"""Fields that fix the weights' shapes: a checkpoint loads only into a model with the same values."""
+
+RESUME_IGNORED = {("run", "resume"), ("run", "out_dir")}
+
+
+def config_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
+    """(flag, saved value, this run's value) for each field of `cfg` that differs from `saved` (a checkpoint's
+    config dict, `to_dict`'s form), in config.json's order. Fields `saved` does not hold (an older version's
+    checkpoint) and `RESUME_IGNORED` are left out."""
+    def norm(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    now = to_dict(cfg)
+    out = []
+    if "model" in saved and saved["model"] != now["model"]:
+        out.append(("--model", saved["model"], now["model"]))
+    for sec, fields in now.items():
+        if not isinstance(fields, dict) or not isinstance(saved.get(sec), dict):
+            continue
+        for name, v in fields.items():
+            if (sec, name) in RESUME_IGNORED or name not in saved[sec]:
+                continue
+            if norm(saved[sec][name]) != norm(v):
+                out.append((f"--{sec}.{name}", saved[sec][name], v))
+    return out
+
+
+def check_resume(saved: dict, cfg: Config, where: str) -> list[str]:
+    """A resumed run's settings against its checkpoint's (`saved`, from `where`): raises ValueError naming the
+    flags when a weight shape would change (the checkpoint cannot load), else returns one line per other
+    change (the trainer warns with them: they change the run from the resumed step on)."""
+    changes = config_changes(saved, cfg)
+    shape_flags = {f"--{sec}.{name}" for sec, names in MODEL_SHAPE_FIELDS.items() for name in names}
+    shape = [c for c in changes if c[0] in shape_flags]
+    if shape:
+        said = ", ".join(f"{f} {old} (this run: {new})" for f, old, new in shape)
+        raise ValueError(f"--run.resume: the checkpoint {where} holds a model with {said}; resume with the same "
+                         "model settings, or start a new run in another --run.out_dir")
+    return [f"{f}: {old!r} -> {new!r}" for f, old, new in changes]

@@ -25,9 +25,9 @@ from msn_fast.dataloading.shards import ShardSet, build_shard_loader
 
 from .budget import TimeBudget
 from .build import build_model, build_optimizer, resolve_device
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, on_rank0, save_checkpoint
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_meta, on_rank0, save_checkpoint
 from .cli import UsageError, apply_overrides, help_text
-from .config import Config, to_dict, to_json
+from .config import Config, check_resume, to_dict, to_json
 from .cpu_resources import cpu_training_threads, fit_batch_to_cpu_memory
 from .data_sources import build_sources
 from .distributed import init_distributed
@@ -188,6 +188,12 @@ def train(cfg: Config) -> Path:
             log.info("%d torch thread(s) for training, leaving cores to %d loader worker(s) (OMP_NUM_THREADS "
                      "overrides)", threads, reserved)
             torch.set_num_threads(threads)
+    changed = []
+    if found is not None:  # before config.json and the load: a model of other shapes is named, nothing written
+        try:
+            changed = check_resume(load_meta(found).get("config") or {}, cfg, str(found))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if info.is_main:  # written after the batch is fitted, so it is the config this run uses
         (out / "config.json").write_text(to_json(cfg))
     if d.backend == "dali" and not dali_available():
@@ -211,6 +217,9 @@ def train(cfg: Config) -> Path:
         saved = meta.get("extra", {})
         step, planned, minutes_before = meta["step"], saved.get("planned_steps"), saved.get("train_minutes", 0.0)
         log.info("resumed from %s at step %d", found, step)
+        if changed:
+            log.warning("settings differ from the checkpoint's and apply from step %d on: %s", step,
+                        "; ".join(changed))
     step0 = step
     budget = None
     if planned is not None and cfg.run.time_budget > 0:

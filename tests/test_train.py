@@ -80,6 +80,41 @@ def test_resume_with_more_steps_continues_on_the_longer_schedule(tmp_path, capfd
     assert b[2]["lr"] != a[2]["lr"]  # and the 3-step run did decay over its own 3 steps
 
 
+def test_resume_names_changed_settings_and_refuses_other_weight_shapes(tmp_path, capfd):
+    """--run.resume with other flags: a change of the weights' shapes stops before anything is written, naming the
+    flag and both values; other changes are named in one warning and the run goes on from the checkpoint."""
+    args = TINY + ["--optim.epochs", "1", "--run.eval_lowshot", "false", "--run.checkpoint_every", "2",
+                   "--run.out_dir", str(tmp_path / "run")]
+    assert main(args + ["--run.max_steps", "2"]) == 0
+    config_json = (tmp_path / "run" / "config.json").read_text()
+    capfd.readouterr()
+    assert main(args + ["--run.max_steps", "4", "--run.resume", "true", "--vit.dim", "48"]) == 2
+    err = capfd.readouterr().err
+    assert "--vit.dim 32 (this run: 48)" in err and "Traceback" not in err, err
+    assert (tmp_path / "run" / "config.json").read_text() == config_json  # the refused run wrote nothing
+    assert load_meta(tmp_path / "run")["step"] == 2
+    assert main(args + ["--run.max_steps", "4", "--run.resume", "true", "--optim.lr", "5e-4",
+                        "--data.global_scale", "0.4", "1.0"]) == 0
+    warned = [line for line in capfd.readouterr().err.splitlines() if "differ from the checkpoint" in line]
+    assert len(warned) == 1, warned
+    assert "apply from step 2 on" in warned[0] and "--optim.lr: 0.002 -> 0.0005" in warned[0], warned
+    assert "--data.global_scale: (0.5, 1.0) -> (0.4, 1.0)" in warned[0], warned
+    assert "--run.max_steps: 2 -> 4" in warned[0] and "--run.resume" not in warned[0], warned
+    assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_config_changes_compares_tuples_with_json_lists_and_skips_unrecorded_fields():
+    from msn_fast.config import config_changes, to_dict
+    from msn_fast.recipes import get_recipe
+
+    cfg = get_recipe("cpu_demo")
+    saved = json.loads(json.dumps(to_dict(cfg)))  # tuples become lists, as in config.json
+    del saved["loss"]["tau"]  # a field an older checkpoint did not record
+    assert config_changes(saved, cfg) == []
+    cfg.loss.tau, cfg.run.resume, cfg.mask.ratio = 0.2, True, 0.5
+    assert config_changes(saved, cfg) == [("--mask.ratio", 0.3, 0.5)]
+
+
 def test_lowshot_report_written(tmp_path):
     out = tmp_path / "run"
     assert main(TINY + ["--run.max_steps", "2", "--run.eval_draws", "2", "--run.out_dir", str(out)]) == 0
