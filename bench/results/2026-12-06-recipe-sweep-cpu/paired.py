@@ -1,0 +1,29 @@
+"""Paired comparison of sweep runs scored on the same labelled draws (same `--draws` and seed in msn_fast.eval).
+
+    python paired.py CONTROL.json RUN.json ...
+
+For each file: top-1 % mean ± std over the draws at 1, 2 and 5 shots, and the paired difference from CONTROL
+(RUN minus CONTROL, draw by draw), mean ± standard error of the mean. Reads only the JSON reports.
+"""
+
+import json
+import sys
+
+import numpy as np
+
+
+def main(paths: list[str]) -> None:
+    ctl = json.load(open(paths[0]))["results"]
+    for path in paths:
+        res = json.load(open(path))["results"]
+        cells = []
+        for shot in ("1-shot", "2-shot", "5-shot"):
+            a = 100 * np.array(res[shot]["accuracy"])
+            d = a - 100 * np.array(ctl[shot]["accuracy"])
+            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+            cells.append(f"{shot} {a.mean():.1f} ± {a.std():.1f} (paired {d.mean():+.1f} ± {se:.1f})")
+        print(path.rsplit("/", 1)[-1], " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
