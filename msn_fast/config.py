@@ -311,7 +311,8 @@ def from_dict(d: dict) -> Config:
 
 MODEL_SHAPE_FIELDS = {"vit": ("dim", "depth", "heads", "patch_size", "img_size", "mlp_ratio", "stem"),
                       "head": ("hidden_dim", "out_dim", "use_bn", "num_prototypes")}
-"""Fields that fix the weights' shapes: a checkpoint loads only into a model with the same values."""
+"""Fields that fix the weights' shapes or their layout (`heads` splits the same qkv weights differently): a resumed
+run must keep them."""
 
 RESUME_IGNORED = {("run", "resume"), ("run", "out_dir")}
 
@@ -323,6 +324,8 @@ def config_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]
     def norm(v):
         return list(v) if isinstance(v, tuple) else v
 
+    if not isinstance(saved, dict):
+        return []
     now = to_dict(cfg)
     out = []
     if "model" in saved and saved["model"] != now["model"]:
@@ -340,7 +343,7 @@ def config_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]
 
 def check_resume(saved: dict, cfg: Config, where: str) -> list[str]:
     """A resumed run's settings against its checkpoint's (`saved`, from `where`): raises ValueError naming the
-    flags when a weight shape would change (the checkpoint cannot load), else returns one line per other
+    flags when a weight shape or layout would change (MODEL_SHAPE_FIELDS), else returns one line per other
     change (the trainer warns with them: they change the run from the resumed step on)."""
     changes = config_changes(saved, cfg)
     shape_flags = {f"--{sec}.{name}" for sec, names in MODEL_SHAPE_FIELDS.items() for name in names}

@@ -151,6 +151,14 @@ def fitted_schedules(cfg: Config, total: int, ipe: int, warn: bool = True) -> Sc
     return sched
 
 
+def resume_changes(saved: dict, cfg: Config, where) -> list[str]:
+    """check_resume as the trainer's one-line error (UsageError) on every process."""
+    try:
+        return check_resume(saved, cfg, str(where))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def train(cfg: Config) -> Path:
     t_start = time.perf_counter()
     info = init_distributed("cuda" if cfg.run.device.startswith("cuda") or (
@@ -159,6 +167,9 @@ def train(cfg: Config) -> Path:
     setup_logging(info.rank)
     # rank 0 decides and tells the others, so all load the same step (a broken `latest` is warned about here)
     found = on_rank0(lambda: find_checkpoint(out)) if cfg.run.resume else None
+    saved_cfg = on_rank0(lambda: load_meta(found).get("config")) if found is not None else None
+    if saved_cfg is not None:  # a model of other shapes is refused here, before anything is built or written
+        resume_changes(saved_cfg, cfg, found)
     set_aside = None
     if info.is_main:
         if found is None:
@@ -188,12 +199,7 @@ def train(cfg: Config) -> Path:
             log.info("%d torch thread(s) for training, leaving cores to %d loader worker(s) (OMP_NUM_THREADS "
                      "overrides)", threads, reserved)
             torch.set_num_threads(threads)
-    changed = []
-    if found is not None:  # before config.json and the load: a model of other shapes is named, nothing written
-        try:
-            changed = check_resume(load_meta(found).get("config") or {}, cfg, str(found))
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+    changed = resume_changes(saved_cfg, cfg, found) if saved_cfg is not None else []  # the fitted batch too
     if info.is_main:  # written after the batch is fitted, so it is the config this run uses
         (out / "config.json").write_text(to_json(cfg))
     if d.backend == "dali" and not dali_available():
@@ -217,12 +223,15 @@ def train(cfg: Config) -> Path:
         saved = meta.get("extra", {})
         step, planned, minutes_before = meta["step"], saved.get("planned_steps"), saved.get("train_minutes", 0.0)
         log.info("resumed from %s at step %d", found, step)
-        if changed:
-            log.warning("settings differ from the checkpoint's and apply from step %d on: %s", step,
-                        "; ".join(changed))
     step0 = step
     budget = None
-    if planned is not None and cfg.run.time_budget > 0:
+    kept_plan = planned is not None and cfg.run.time_budget > 0
+    if changed and info.is_main:
+        plan_flags = ("--run.time_budget", "--run.max_steps", "--optim.epochs") if kept_plan else ()
+        log.warning("settings differ from the checkpoint's and apply from step %d on: %s", step, "; ".join(
+            c + (" (not applied: a budgeted run keeps its plan)" if c.split(":")[0] in plan_flags else "")
+            for c in changed))
+    if kept_plan:
         total = planned  # a budgeted run keeps its plan
         log.info("time budget: continuing the plan of %d steps made when the run started", total)
     elif planned is not None and planned != total:

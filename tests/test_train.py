@@ -86,12 +86,12 @@ def test_resume_names_changed_settings_and_refuses_other_weight_shapes(tmp_path,
     args = TINY + ["--optim.epochs", "1", "--run.eval_lowshot", "false", "--run.checkpoint_every", "2",
                    "--run.out_dir", str(tmp_path / "run")]
     assert main(args + ["--run.max_steps", "2"]) == 0
-    config_json = (tmp_path / "run" / "config.json").read_text()
+    written = {f: (tmp_path / "run" / f).read_text() for f in ("config.json", "train.log", "metrics.jsonl")}
     capfd.readouterr()
     assert main(args + ["--run.max_steps", "4", "--run.resume", "true", "--vit.dim", "48"]) == 2
     err = capfd.readouterr().err
     assert "--vit.dim 32 (this run: 48)" in err and "Traceback" not in err, err
-    assert (tmp_path / "run" / "config.json").read_text() == config_json  # the refused run wrote nothing
+    assert {f: (tmp_path / "run" / f).read_text() for f in written} == written  # the refused run wrote nothing
     assert load_meta(tmp_path / "run")["step"] == 2
     assert main(args + ["--run.max_steps", "4", "--run.resume", "true", "--optim.lr", "5e-4",
                         "--data.global_scale", "0.4", "1.0"]) == 0
@@ -101,6 +101,15 @@ def test_resume_names_changed_settings_and_refuses_other_weight_shapes(tmp_path,
     assert "--data.global_scale: (0.5, 1.0) -> (0.4, 1.0)" in warned[0], warned
     assert "--run.max_steps: 2 -> 4" in warned[0] and "--run.resume" not in warned[0], warned
     assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    # a time-budgeted run keeps the plan it made (at its 6th step): a new --run.max_steps is named as not applied
+    budgeted = TINY + ["--optim.epochs", "1", "--run.eval_lowshot", "false", "--run.out_dir", str(tmp_path / "b"),
+                       "--run.time_budget", "30"]
+    assert main(budgeted + ["--run.max_steps", "8"]) == 0
+    capfd.readouterr()
+    assert main(budgeted + ["--run.max_steps", "12", "--run.resume", "true"]) == 0
+    warned = [line for line in capfd.readouterr().err.splitlines() if "differ from the checkpoint" in line]
+    assert len(warned) == 1 and "--run.max_steps: 8 -> 12 (not applied: a budgeted run keeps its plan)" in warned[0]
+    assert [m["step"] for m in _metrics(tmp_path / "b")] == list(range(1, 9))
 
 
 def test_config_changes_compares_tuples_with_json_lists_and_skips_unrecorded_fields():
