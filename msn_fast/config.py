@@ -341,15 +341,13 @@ def config_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]
     return out
 
 
-def check_resume(saved: dict, cfg: Config, where: str) -> list[str]:
-    """A resumed run's settings against its checkpoint's (`saved`, from `where`): raises ValueError naming the
-    flags when a weight shape or layout would change (MODEL_SHAPE_FIELDS), else returns one line per other
-    change (the trainer warns with them: they change the run from the resumed step on)."""
-    changes = config_changes(saved, cfg)
+def check_resume_shapes(saved: dict, cfg: Config, where: str) -> None:
+    """Raises ValueError naming the flags when a resumed run (`cfg`) would change a weight shape or layout
+    (MODEL_SHAPE_FIELDS) of its checkpoint's (`saved`, from `where`). Other changes are `config_changes`' to list:
+    the trainer warns with them (they change the run from the resumed step on)."""
     shape_flags = {f"--{sec}.{name}" for sec, names in MODEL_SHAPE_FIELDS.items() for name in names}
-    shape = [c for c in changes if c[0] in shape_flags]
+    shape = [c for c in config_changes(saved, cfg) if c[0] in shape_flags]
     if shape:
         said = ", ".join(f"{f} {old} (this run: {new})" for f, old, new in shape)
         raise ValueError(f"--run.resume: the checkpoint {where} holds a model with {said}; resume with the same "
                          "model settings, or start a new run in another --run.out_dir")
-    return [f"{f}: {old!r} -> {new!r}" for f, old, new in changes]

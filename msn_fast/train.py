@@ -27,7 +27,7 @@ from .budget import TimeBudget
 from .build import build_model, build_optimizer, resolve_device
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_meta, on_rank0, save_checkpoint
 from .cli import UsageError, apply_overrides, help_text
-from .config import Config, check_resume, to_dict, to_json
+from .config import Config, check_resume_shapes, config_changes, to_dict, to_json
 from .cpu_resources import cpu_training_threads, fit_batch_to_cpu_memory
 from .data_sources import build_sources
 from .distributed import init_distributed
@@ -151,10 +151,10 @@ def fitted_schedules(cfg: Config, total: int, ipe: int, warn: bool = True) -> Sc
     return sched
 
 
-def resume_changes(saved: dict, cfg: Config, where) -> list[str]:
-    """check_resume as the trainer's one-line error (UsageError) on every process."""
+def refuse_other_shapes(saved: dict, cfg: Config, where) -> None:
+    """check_resume_shapes as the trainer's one-line error (UsageError) on every process."""
     try:
-        return check_resume(saved, cfg, str(where))
+        check_resume_shapes(saved, cfg, str(where))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -169,7 +169,7 @@ def train(cfg: Config) -> Path:
     found = on_rank0(lambda: find_checkpoint(out)) if cfg.run.resume else None
     saved_cfg = on_rank0(lambda: load_meta(found).get("config")) if found is not None else None
     if saved_cfg is not None:  # a model of other shapes is refused here, before anything is built or written
-        resume_changes(saved_cfg, cfg, found)
+        refuse_other_shapes(saved_cfg, cfg, found)
     set_aside = None
     if info.is_main:
         if found is None:
@@ -199,7 +199,7 @@ def train(cfg: Config) -> Path:
             log.info("%d torch thread(s) for training, leaving cores to %d loader worker(s) (OMP_NUM_THREADS "
                      "overrides)", threads, reserved)
             torch.set_num_threads(threads)
-    changed = resume_changes(saved_cfg, cfg, found) if saved_cfg is not None else []  # the fitted batch too
+    changed = config_changes(saved_cfg, cfg) if saved_cfg is not None else []  # after the batch fit: it counts too
     if info.is_main:  # written after the batch is fitted, so it is the config this run uses
         (out / "config.json").write_text(to_json(cfg))
     if d.backend == "dali" and not dali_available():
@@ -228,9 +228,11 @@ def train(cfg: Config) -> Path:
     kept_plan = planned is not None and cfg.run.time_budget > 0
     if changed and info.is_main:
         plan_flags = ("--run.time_budget", "--run.max_steps", "--optim.epochs") if kept_plan else ()
-        log.warning("settings differ from the checkpoint's and apply from step %d on: %s", step, "; ".join(
-            c + (" (not applied: a budgeted run keeps its plan)" if c.split(":")[0] in plan_flags else "")
-            for c in changed))
+        said = []
+        for flag, old, new in changed:
+            note = " (not applied: a budgeted run keeps its plan)" if flag in plan_flags else ""
+            said.append(f"{flag}: {old!r} -> {new!r}{note}")
+        log.warning("settings differ from the checkpoint's and apply from step %d on: %s", step, "; ".join(said))
     if kept_plan:
         total = planned  # a budgeted run keeps its plan
         log.info("time budget: continuing the plan of %d steps made when the run started", total)
