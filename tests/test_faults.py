@@ -91,7 +91,8 @@ def _save(out, model, opt, step, keep=2):
 
 def _save_in_child(out, model, opt, step, kill_at, keep=2) -> str:
     """Save in a forked child armed to SIGKILL itself at tick `kill_at` (None: count only, the count returned
-    through a pipe). Returns "killed" or "done:<ticks>"."""
+    through a pipe). Returns "killed", "done:<ticks>", or "hung" for a child killed after 120 s (a fork of this
+    multi-threaded process can inherit a lock another thread held, and then never run the save at all)."""
     r, w = os.pipe()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork of a process with threads: the child is short
@@ -116,7 +117,9 @@ def _save_in_child(out, model, opt, step, kill_at, keep=2) -> str:
             break
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
-            pytest.fail(f"save child hung (kill_at={kill_at})")
+            os.waitpid(pid, 0)
+            os.close(r)
+            return "hung"
         time.sleep(0.01)
     msg = os.read(r, 64).decode()
     os.close(r)
@@ -141,7 +144,12 @@ def _every_kill_point(tmp_path, prepare, step, expect, keep=2) -> tuple[int, int
     for k in range(1, ticks + 1):
         out = tmp_path / f"kill_{k}"
         model, opt, before = prepare(out)
-        assert _save_in_child(out, model, opt, step, k, keep) == "killed", k
+        got = _save_in_child(out, model, opt, step, k, keep)
+        if got == "hung":  # once, from a fresh folder: a hang is the fork's (see _save_in_child), not the save's
+            out = tmp_path / f"kill_{k}_again"
+            model, opt, before = prepare(out)
+            got = _save_in_child(out, model, opt, step, k, keep)
+        assert got == "killed", (k, got)
         found = find_checkpoint(out)
         if found is None:
             assert before is None, f"kill point {k}: the previous checkpoint was lost"
