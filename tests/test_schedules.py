@@ -60,3 +60,16 @@ def test_a_shorter_run_decays_over_its_own_steps():
     full = Schedules(o, total_steps=10_000, steps_per_epoch=100)
     assert cut.lr(300) == pytest.approx(o.final_lr) and full.lr(300) > 0.99 * o.lr
     assert cut.wd(300) == pytest.approx(o.final_weight_decay) and cut.momentum(300) == pytest.approx(o.ema_end)
+
+
+def test_cpu_photos_keeps_the_official_horizon_over_a_budgeted_hour():
+    """cpu_photos takes the official 1.25x horizon (tenth sweep round): an hour's plan of 11,924 steps (the held-out
+    control's) ends with lr ~1.06e-4 and EMA momentum 0.998, not 1e-6 and 1 as the demo's horizon 1.0 would."""
+    from msn_fast.recipes import get_recipe
+
+    cfg = get_recipe("cpu_photos")
+    s = Schedules(cfg.optim, total_steps=11_924, steps_per_epoch=1_406)
+    assert 1e-4 < s.lr(11_924) < 1.1e-4 and s.lr(3 * 11_924 // 4) > 3e-4  # the cosine stops near 80% of its span
+    assert s.momentum(11_924) == pytest.approx(0.99 + 0.01 * 0.8, abs=1e-5)
+    demo = Schedules(get_recipe("cpu_demo").optim, total_steps=11_924, steps_per_epoch=1_406)
+    assert demo.lr(11_924) == pytest.approx(1e-6) and demo.momentum(11_924) == pytest.approx(1.0)
