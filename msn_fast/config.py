@@ -154,6 +154,10 @@ class LossConfig:
     """Sinkhorn iterations on the targets (0 = off)"""
     backend: str = "auto"
     """loss backend: auto | triton | torch"""
+    symmetric: bool = False
+    """both global views serve as target and as masked anchor, each predicting the other's target, with the focal
+    views split between the two targets (data.num_focal must be even); off: view 0 is the target, view 1 the
+    anchor and every focal view predicts view 0's target (official)"""
 
     def __post_init__(self):
         for name in ("tau", "sharpen"):
@@ -276,6 +280,11 @@ class Config:
             raise ValueError(
                 f"views ({self.data.global_size} and {self.data.focal_size} px) must be at least one patch "
                 f"({self.vit.patch_size} px)"
+            )
+        if self.loss.symmetric and self.data.num_focal % 2:
+            raise ValueError(
+                f"loss.symmetric splits the focal views between the two targets: data.num_focal must be even, "
+                f"got {self.data.num_focal}"
             )
 
 

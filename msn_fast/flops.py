@@ -26,15 +26,19 @@ GPU_PEAKS: dict[str, tuple[float, float]] = {
 
 
 def tokens_per_image(cfg: Config) -> tuple[int, int, int]:
-    """(target, masked anchor, all focal) tokens per image, CLS included; the anchor keeps masking.num_kept."""
+    """(all target, all masked anchor, all focal) tokens per image, CLS included; an anchor keeps
+    masking.num_kept; views_per_image gives the views they are spread over."""
     v, d = cfg.vit, cfg.data
     n = (d.global_size // v.patch_size) ** 2
-    return 1 + n, 1 + num_kept(n, cfg.mask.ratio), d.num_focal * (1 + (d.focal_size // v.patch_size) ** 2)
+    g, _, f = views_per_image(cfg)
+    return g * (1 + n), g * (1 + num_kept(n, cfg.mask.ratio)), f * (1 + (d.focal_size // v.patch_size) ** 2)
 
 
 def views_per_image(cfg: Config) -> tuple[int, int, int]:
-    """(target, anchor, focal) views per image: 1, 1 and data.num_focal."""
-    return 1, 1, cfg.data.num_focal
+    """(target, anchor, focal) views per image: 1, 1 and data.num_focal; 2, 2 and data.num_focal with
+    loss.symmetric."""
+    g = 2 if cfg.loss.symmetric else 1
+    return g, g, cfg.data.num_focal
 
 
 def step_flops_per_image(cfg: Config) -> float:
@@ -53,8 +57,8 @@ def step_flops_per_image(cfg: Config) -> float:
         last = views * (2 * 2 * n * v.dim**2 + 2 * (2 + 2 * v.mlp_ratio) * v.dim**2 + 4 * n * v.dim)
         return (v.depth - 1) * n_tokens * (linear + 4 * n * v.dim) + last
 
-    t, a, f = tokens_per_image(cfg)
-    return fwd(t, 1) + 3 * (fwd(a, 1) + (fwd(f, cfg.data.num_focal) if f else 0.0))
+    (t, a, f), (vt, va, vf) = tokens_per_image(cfg), views_per_image(cfg)
+    return fwd(t, vt) + 3 * (fwd(a, va) + (fwd(f, vf) if f else 0.0))
 
 
 def linear_gemms(cfg: Config, batch: int) -> list[tuple[int, int, int]]:

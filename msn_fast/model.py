@@ -5,6 +5,7 @@ Forward of one step (official semantics, msn_spec.md §1-3):
   2. anchor view  -> student with a random token mask (kept patch indices sampled on-device)
   3. focal views  -> student, unmasked, as one batch (their own BN statistics)
   4. MSN objective over [anchor; focal_1; ...; focal_F] rows against the target rows.
+With loss.symmetric (not official) each global view is also the other's target (`MSN.loss`).
 """
 
 from __future__ import annotations
@@ -37,16 +38,27 @@ class MSN(nn.Module):
 
     def loss(self, globals_: torch.Tensor, focals: torch.Tensor,
              process_group=None) -> tuple[torch.Tensor, LossStats]:
-        """globals_: [G>=2, B, 3, S, S] (0 target, 1 anchor); focals: [F, B, 3, s, s] -> (loss, stats)."""
+        """globals_: [G>=2, B, 3, S, S] (0 target, 1 anchor); focals: [F, B, 3, s, s] -> (loss, stats).
+
+        With loss.symmetric the two global views also swap roles: the loss sees 2B targets [view 0; view 1] and
+        anchors [view 1 masked; view 0 masked] then, per focal pair v < F/2, [focal v; focal F/2 + v]: row
+        j of every anchor view predicts target row j.
+        """
         cfg = self.cfg
-        b = globals_.shape[1]
+        if cfg.loss.symmetric:
+            half = focals.shape[0] // 2
+            targets_in, anchors_in = torch.cat([globals_[0], globals_[1]]), torch.cat([globals_[1], globals_[0]])
+            focals = torch.stack([focals[:half], focals[half:2 * half]], dim=1).flatten(1, 2)  # (F/2, 2B, 3, s, s)
+        else:
+            targets_in, anchors_in = globals_[0], globals_[1]
         with torch.no_grad():
-            target = self.target(globals_[0])  # (B, d)
+            target = self.target(targets_in)  # (B or 2B, d)
         grid = globals_.shape[-1] // cfg.vit.patch_size
-        keep = sample_keep_indices(b, grid * grid, cfg.mask.ratio, cfg.mask.mode, device=globals_.device)
-        anchors = [self.student(globals_[1], keep)]  # (B, d)
+        keep = sample_keep_indices(anchors_in.shape[0], grid * grid, cfg.mask.ratio, cfg.mask.mode,
+                                   device=globals_.device)
+        anchors = [self.student(anchors_in, keep)]  # (B or 2B, d)
         if focals.shape[0]:
-            anchors.append(self.student(focals.flatten(0, 1)))  # (F*B, d), view-major
+            anchors.append(self.student(focals.flatten(0, 1)))  # view-major
         anchor = torch.cat(anchors)
         num_views = 1 + focals.shape[0]
         lc = cfg.loss

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
-from .flops import step_flops_per_image, tokens_per_image
+from .flops import step_flops_per_image
 from .loss import target_probs
+from .masking import num_kept
 
 CPU_STEP_FLOPS = 20e9  # the CPU step is shrunk (depth, then image sizes) to about this many FLOPs
 
@@ -53,7 +54,7 @@ def kernel_cases(cfg: Config, batch: int, device: torch.device, dtype: torch.dty
         return (torch.randn(shape, generator=gen) * scale).to(device, dt).requires_grad_(grad)
 
     n = (d.global_size // v.patch_size) ** 2
-    _, anchor, _ = tokens_per_image(cfg)
+    anchor = 1 + num_kept(n, cfg.mask.ratio)  # tokens of one masked anchor view
     focal = 1 + (d.focal_size // v.patch_size) ** 2
     hd, views, kdim = v.dim // v.heads, 1 + d.num_focal, 3 * v.patch_size**2
     keep = torch.rand(batch, n, generator=gen).argsort(dim=1)[:, : anchor - 1].to(device)  # [B, K] int64

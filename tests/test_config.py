@@ -44,6 +44,9 @@ def test_invalid_values_are_usage_errors():
         parse_config(["--model", "vit_xxl"])
     with pytest.raises(UsageError, match="divisible"):
         parse_config(["--vit.heads", "5"])
+    with pytest.raises(UsageError, match="num_focal must be even, got 3"):
+        parse_config(["--model", "cpu_photos", "--loss.symmetric", "true", "--data.num_focal", "3"])
+    assert parse_config(["--model", "cpu_photos", "--loss.symmetric", "true"]).loss.symmetric
 
 
 # Every numeric field with an invalid range, and a value outside it: (flag, value(s), what the error says it got).

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from msn_fast.build import build_model
 from msn_fast.cli import apply_overrides
 from msn_fast.distributed import DistInfo
-from msn_fast.flops import linear_gemms, step_flops_per_image, tokens_per_image
+from msn_fast.flops import linear_gemms, step_flops_per_image, tokens_per_image, views_per_image
 from msn_fast.recipes import get_recipe
 
 TINY = ["--vit.dim", "32", "--vit.depth", "3", "--vit.heads", "2", "--head.hidden_dim", "64", "--head.out_dim",
@@ -15,10 +15,14 @@ TINY = ["--vit.dim", "32", "--vit.depth", "3", "--vit.heads", "2", "--head.hidde
         "--data.num_focal", "2", "--vit.img_size", "16", "--data.batch_size", "4"]
 
 
-def _counted_step():
+SYMMETRIC = pytest.mark.parametrize("flags", [[], ["--loss.symmetric", "true"]], ids=["official", "symmetric"])
+
+
+def _counted_step(flags=()):
     """(config, FlopCounterMode) of one forward + backward of a tiny cpu_demo model on a batch of 4 images."""
     cfg = apply_overrides(get_recipe("cpu_demo"), TINY + ["--mask.ratio", "0.5", "--head.hidden_dim", "8",
-                                                          "--head.out_dim", "8", "--head.num_prototypes", "8"])
+                                                          "--head.out_dim", "8", "--head.num_prototypes", "8",
+                                                          *flags])
     model = build_model(cfg, torch.device("cpu"), DistInfo())
     g, f = torch.randn(2, 4, 3, 16, 16), torch.randn(2, 4, 3, 8, 8)
     with FlopCounterMode(display=False) as counter:
@@ -27,17 +31,20 @@ def _counted_step():
     return cfg, counter
 
 
-def test_closed_form_flops_match_flop_counter():
-    cfg, counter = _counted_step()
+@SYMMETRIC
+def test_closed_form_flops_match_flop_counter(flags):
+    cfg, counter = _counted_step(flags)
     counted = counter.get_total_flops() / 4
     estimate = step_flops_per_image(cfg)
     assert 0.8 * counted < estimate < 1.05 * counted, (estimate, counted)  # the estimate leaves out embed + head
 
 
-def test_linear_gemm_shapes_match_the_steps_matmuls():
+@SYMMETRIC
+def test_linear_gemm_shapes_match_the_steps_matmuls(flags):
     """The step's linear-layer GEMMs (linear_gemms) against the mm/addmm FLOPs torch counts in a real step: the
-    counted ones also hold the head and the prototypes, 0.3% here (a missing first-block grad-input is 9%)."""
-    cfg, counter = _counted_step()
+    counted ones also hold the head and the prototypes, 0.3% here (a missing first-block grad-input is 9%).
+    With loss.symmetric the target and anchor GEMMs have twice the rows, not more GEMMs."""
+    cfg, counter = _counted_step(flags)
     ops = counter.get_flop_counts()["Global"]
     counted = sum(n for op, n in ops.items() if op in (torch.ops.aten.mm, torch.ops.aten.addmm))
     shapes = linear_gemms(cfg, batch=4)
@@ -50,7 +57,8 @@ def test_linear_gemm_shapes_match_the_steps_matmuls():
 
 
 @pytest.mark.parametrize("model, flags", [("cpu_demo", []), ("cpu_demo", ["--data.num_focal", "0"]),
-                                          ("vit_l7", []), ("vit_s16", ["--vit.mlp_ratio", "2.5"])])
+                                          ("vit_l7", []), ("vit_s16", ["--vit.mlp_ratio", "2.5"]),
+                                          ("cpu_photos", ["--loss.symmetric", "true"])])
 def test_step_flops_are_the_linear_gemms_plus_attention(model, flags):
     """step_flops_per_image = the linear GEMMs of linear_gemms per image + attention (4·n·D a query row over n
     keys, every row of the first depth - 1 blocks, the CLS row of the last; 3x for the student's views)."""
@@ -58,11 +66,19 @@ def test_step_flops_are_the_linear_gemms_plus_attention(model, flags):
     v, batch = cfg.vit, 4
     linear = sum(2 * m * k * n for m, k, n in linear_gemms(cfg, batch)) / batch
     attention = 0.0
-    for tokens, views, passes in zip(tokens_per_image(cfg), (1, 1, cfg.data.num_focal), (1, 3, 3)):
+    for tokens, views, passes in zip(tokens_per_image(cfg), views_per_image(cfg), (1, 3, 3)):
         if tokens:
             n = tokens // views
             attention += passes * (4 * n * v.dim) * ((v.depth - 1) * tokens + views)
     assert step_flops_per_image(cfg) == pytest.approx(linear + attention, rel=1e-12)
+
+
+def test_symmetric_doubles_the_global_views():
+    cfg = get_recipe("cpu_photos")
+    sym = apply_overrides(get_recipe("cpu_photos"), ["--loss.symmetric", "true"])  # in place: a fresh recipe
+    (t, a, f), (ts, as_, fs) = tokens_per_image(cfg), tokens_per_image(sym)
+    assert views_per_image(cfg) == (1, 1, 4) and views_per_image(sym) == (2, 2, 4)
+    assert (ts, as_, fs) == (2 * t, 2 * a, f) == (2 * 65, 2 * 45, 4 * 17)  # 44 of 64 patches kept at mask ratio 0.3
 
 
 def test_official_l7_token_budget():

@@ -4,7 +4,7 @@ import torch
 from conftest import assert_rounding_close
 
 import msn_fast.model as msn_model
-from msn_fast.config import Config, HeadConfig, MaskConfig, ViTConfig
+from msn_fast.config import Config, HeadConfig, LossConfig, MaskConfig, ViTConfig
 from msn_fast.loss import msn_loss
 from msn_fast.masking import num_kept
 
@@ -14,19 +14,24 @@ def _differs(a, b):
     return ((a - b).abs().max() > 0.05 * b.abs().max()).item()
 
 
+def _model(loss: LossConfig):
+    """A tiny MSN in eval mode whose target differs from its student, so swapping the encoders shows."""
+    cfg = Config(vit=ViTConfig(dim=32, depth=1, heads=2, patch_size=4, img_size=16, attn_impl="torch",
+                               embed_impl="torch"),
+                 head=HeadConfig(hidden_dim=16, out_dim=8, num_prototypes=6), mask=MaskConfig(ratio=0.5), loss=loss)
+    model = msn_model.MSN(cfg)
+    with torch.no_grad():
+        for p in model.target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return cfg, model.eval()
+
+
 def test_views_encoders_masks_and_row_order(monkeypatch):
     """View 0 is the target (EMA encoder, unmasked, no grad); view 1 the anchor (student, masked);
     focal views unmasked (student); anchors view-major (row v·B + b is view v of sample b), matching
     the targets repeated per view inside the loss. In eval mode every row is independent of the
     others, so each expected row is computed alone and compared with what reached the loss."""
-    cfg = Config(vit=ViTConfig(dim=32, depth=1, heads=2, patch_size=4, img_size=16, attn_impl="torch",
-                               embed_impl="torch"),
-                 head=HeadConfig(hidden_dim=16, out_dim=8, num_prototypes=6), mask=MaskConfig(ratio=0.5))
-    model = msn_model.MSN(cfg)
-    with torch.no_grad():  # a target unlike the student, so swapping the encoders shows
-        for p in model.target.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.eval()
+    cfg, model = _model(LossConfig())
     B, F = 3, 2
     globals_, focals = torch.randn(2, B, 3, 16, 16), torch.randn(F, B, 3, 8, 8)
 
@@ -70,3 +75,43 @@ def test_views_encoders_masks_and_row_order(monkeypatch):
     assert all(p.grad is None for p in model.target.parameters())
     assert model.prototypes.grad is not None
     assert all(p.grad is not None for p in model.student.parameters())
+
+
+def test_symmetric_views_swap_roles(monkeypatch):
+    """loss.symmetric: targets [view 0; view 1] (EMA, unmasked), anchors [view 1 masked; view 0 masked] with one
+    keep over the 2B rows, then focal pairs [focal v; focal F/2 + v]: anchor row j of every view goes with target
+    row j. Eval mode, each expected row computed alone, as above."""
+    _, model = _model(LossConfig(symmetric=True))
+    B, F = 3, 4
+    globals_, focals = torch.randn(2, B, 3, 16, 16), torch.randn(F, B, 3, 8, 8)
+    seen = {}
+    real_keep, real_loss = msn_model.sample_keep_indices, msn_model.msn_loss
+
+    def keep_spy(*args, **kw):
+        seen["keep_args"] = args
+        seen["keep"] = real_keep(*args, **kw)
+        return seen["keep"]
+
+    def loss_spy(anchor, target, protos, **kw):
+        seen.update(anchor=anchor, target=target, **kw)
+        return real_loss(anchor, target, protos, **kw)
+
+    monkeypatch.setattr(msn_model, "sample_keep_indices", keep_spy)
+    monkeypatch.setattr(msn_model, "msn_loss", loss_spy)
+    loss, _ = model.loss(globals_, focals)
+    assert torch.isfinite(loss)
+
+    keep = seen["keep"]
+    assert seen["keep_args"][0] == 2 * B and seen["num_views"] == 1 + F // 2
+    n = 17 * 32
+    with torch.no_grad():
+        want_target = torch.cat([model.target(globals_[v, b:b + 1]) for v in (0, 1) for b in range(B)])
+        want_anchor = torch.cat([model.student(globals_[v, b:b + 1], keep) for v in (1, 0) for b in range(B)] +
+                                [model.student(focals[f, b:b + 1]) for v in range(F // 2)
+                                 for f in (v, F // 2 + v) for b in range(B)])
+        assert _differs(want_target[:B], want_target[B:])  # the two global views differ
+        assert _differs(want_anchor[2 * B:3 * B], want_anchor[3 * B:4 * B])  # so do the focal views of a pair
+    assert seen["target"].shape == (2 * B, 8) and seen["anchor"].shape == ((1 + F // 2) * 2 * B, 8)
+    assert not seen["target"].requires_grad and seen["anchor"].requires_grad
+    assert_rounding_close(seen["target"], want_target, torch.float32, n, "targets [view 0; view 1]")
+    assert_rounding_close(seen["anchor"], want_anchor, torch.float32, n, "anchors [view 1; view 0; focal pairs]")
