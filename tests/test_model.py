@@ -26,19 +26,14 @@ def _model(loss: LossConfig):
     return cfg, model.eval()
 
 
-def test_views_encoders_masks_and_row_order(monkeypatch):
-    """View 0 is the target (EMA encoder, unmasked, no grad); view 1 the anchor (student, masked);
-    focal views unmasked (student); anchors view-major (row v·B + b is view v of sample b), matching
-    the targets repeated per view inside the loss. In eval mode every row is independent of the
-    others, so each expected row is computed alone and compared with what reached the loss."""
-    cfg, model = _model(LossConfig())
-    B, F = 3, 2
-    globals_, focals = torch.randn(2, B, 3, 16, 16), torch.randn(F, B, 3, 8, 8)
-
+def _spied_loss(monkeypatch, model, globals_, focals):
+    """model.loss with its sample_keep_indices and msn_loss spied on: (loss, seen), where seen holds the keep's
+    arguments and result and what reached msn_loss (anchor, target, prototypes, grad mode, keyword arguments)."""
     seen = {}
     real_keep, real_loss = msn_model.sample_keep_indices, msn_model.msn_loss
 
     def keep_spy(*args, **kw):
+        seen["keep_args"] = args
         seen["keep"] = real_keep(*args, **kw)
         return seen["keep"]
 
@@ -49,6 +44,33 @@ def test_views_encoders_masks_and_row_order(monkeypatch):
     monkeypatch.setattr(msn_model, "sample_keep_indices", keep_spy)
     monkeypatch.setattr(msn_model, "msn_loss", loss_spy)
     loss, _ = model.loss(globals_, focals)
+    return loss, seen
+
+
+def _check_loss_and_grads(cfg, model, loss, seen, want_anchor, want_target, num_views, n):
+    """The loss is msn_loss of the expected rows with the config's hyper-parameters, and its gradients reach the
+    student and the prototypes, never the target."""
+    lc = cfg.loss
+    hyper = dict(tau=lc.tau, sharpen=lc.sharpen, me_max_weight=lc.me_max_weight, sinkhorn_iters=lc.sinkhorn_iters)
+    assert {k: seen[k] for k in hyper} == hyper
+    want_loss, _ = msn_loss(want_anchor, want_target, model.prototypes, num_views=num_views, **hyper)
+    assert_rounding_close(loss.detach(), want_loss, torch.float32, n * 6, "loss")
+
+    loss.backward()
+    assert all(p.grad is None for p in model.target.parameters())
+    assert model.prototypes.grad is not None
+    assert all(p.grad is not None for p in model.student.parameters())
+
+
+def test_views_encoders_masks_and_row_order(monkeypatch):
+    """View 0 is the target (EMA encoder, unmasked, no grad); view 1 the anchor (student, masked);
+    focal views unmasked (student); anchors view-major (row v·B + b is view v of sample b), matching
+    the targets repeated per view inside the loss. In eval mode every row is independent of the
+    others, so each expected row is computed alone and compared with what reached the loss."""
+    cfg, model = _model(LossConfig())
+    B, F = 3, 2
+    globals_, focals = torch.randn(2, B, 3, 16, 16), torch.randn(F, B, 3, 8, 8)
+    loss, seen = _spied_loss(monkeypatch, model, globals_, focals)
 
     keep = seen["keep"]
     assert keep.shape == (num_kept(16, 0.5),)
@@ -65,40 +87,17 @@ def test_views_encoders_masks_and_row_order(monkeypatch):
     assert_rounding_close(seen["target"], want_target, torch.float32, n, "target rows (view 0, EMA, unmasked)")
     assert_rounding_close(seen["anchor"], want_anchor, torch.float32, n,
                           "anchor rows (view 1 masked, then focal views, view-major)")
-    lc = cfg.loss
-    hyper = dict(tau=lc.tau, sharpen=lc.sharpen, me_max_weight=lc.me_max_weight, sinkhorn_iters=lc.sinkhorn_iters)
-    assert {k: seen[k] for k in hyper} == hyper
-    want_loss, _ = msn_loss(want_anchor, want_target, model.prototypes, num_views=1 + F, **hyper)
-    assert_rounding_close(loss.detach(), want_loss, torch.float32, n * 6, "loss")
-
-    loss.backward()  # gradients reach the student and the prototypes, never the target
-    assert all(p.grad is None for p in model.target.parameters())
-    assert model.prototypes.grad is not None
-    assert all(p.grad is not None for p in model.student.parameters())
+    _check_loss_and_grads(cfg, model, loss, seen, want_anchor, want_target, 1 + F, n)
 
 
 def test_symmetric_views_swap_roles(monkeypatch):
     """loss.symmetric: targets [view 0; view 1] (EMA, unmasked), anchors [view 1 masked; view 0 masked] with one
     keep over the 2B rows, then focal pairs [focal v; focal F/2 + v]: anchor row j of every view goes with target
     row j. Eval mode, each expected row computed alone, as above."""
-    _, model = _model(LossConfig(symmetric=True))
+    cfg, model = _model(LossConfig(symmetric=True))
     B, F = 3, 4
     globals_, focals = torch.randn(2, B, 3, 16, 16), torch.randn(F, B, 3, 8, 8)
-    seen = {}
-    real_keep, real_loss = msn_model.sample_keep_indices, msn_model.msn_loss
-
-    def keep_spy(*args, **kw):
-        seen["keep_args"] = args
-        seen["keep"] = real_keep(*args, **kw)
-        return seen["keep"]
-
-    def loss_spy(anchor, target, protos, **kw):
-        seen.update(anchor=anchor, target=target, **kw)
-        return real_loss(anchor, target, protos, **kw)
-
-    monkeypatch.setattr(msn_model, "sample_keep_indices", keep_spy)
-    monkeypatch.setattr(msn_model, "msn_loss", loss_spy)
-    loss, _ = model.loss(globals_, focals)
+    loss, seen = _spied_loss(monkeypatch, model, globals_, focals)
     assert torch.isfinite(loss)
 
     keep = seen["keep"]
@@ -115,3 +114,4 @@ def test_symmetric_views_swap_roles(monkeypatch):
     assert not seen["target"].requires_grad and seen["anchor"].requires_grad
     assert_rounding_close(seen["target"], want_target, torch.float32, n, "targets [view 0; view 1]")
     assert_rounding_close(seen["anchor"], want_anchor, torch.float32, n, "anchors [view 1; view 0; focal pairs]")
+    _check_loss_and_grads(cfg, model, loss, seen, want_anchor, want_target, 1 + F // 2, n)

@@ -15,16 +15,16 @@ import numpy as np
 
 def main(paths: list[str]) -> None:
     ctl = json.load(open(paths[0]))["results"]
+    shots = ("1-shot", "2-shot", "5-shot")
     for path in paths:
         res = json.load(open(path))["results"]
         for metric in ("accuracy", "class_mean_accuracy"):
             if metric not in res["1-shot"] or metric not in ctl["1-shot"]:
                 continue
-            shots = ("1-shot", "2-shot", "5-shot")
             if metric != "accuracy" and all(np.allclose(res[s][metric], res[s]["accuracy"]) for s in shots):
                 continue  # a balanced split: the same numbers
             cells = []
-            for shot in ("1-shot", "2-shot", "5-shot"):
+            for shot in shots:
                 a = 100 * np.array(res[shot][metric])
                 d = a - 100 * np.array(ctl[shot][metric])
                 se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
