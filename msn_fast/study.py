@@ -8,7 +8,8 @@ Per dataset (DIR as `python -m msn_fast.eval --data` takes it; pre-training read
 1. `python -m msn_fast.train --model RECIPE --data.path DIR --run.time_budget MINUTES` in a subprocess, with
    `--run.resume true` (a killed study continues where it stopped; a finished run is not trained again) and a
    checkpoint every `--checkpoint-every` steps, all kept. `--jobs` runs go at once, each with its share of the
-   cores (default: every dataset at once, so the study's pre-training takes MINUTES of wall clock).
+   cores. The default, 1, gives each dataset every core for MINUTES, one after the other (the bar's budget: an
+   hour of a 2-core CPU per dataset); `--jobs 0` runs them all at once, one share each, in MINUTES in all.
 2. `msn_fast.eval` with `--baselines`: 1/2/5 shots, a label fraction (1% when the train split has 10,000
    images or more, else 10%), 20-NN, over `--draws` draws, each image decoded once for the three feature sets.
 3. A curve: 5-shot accuracy of the checkpoints nearest each `--curve-every` minutes of pre-training.
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/label_efficiency", help="study folder (runs, caches, report)")
     p.add_argument("--model", default="cpu_photos", help="pre-training recipe (python -m msn_fast.train --model)")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of each pre-training run")
-    p.add_argument("--jobs", type=int, default=0, help="pre-training runs at once (0: all)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="pre-training runs at once, the cores shared among them (0: all datasets at once)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between kept checkpoints")
     p.add_argument("--curve-every", type=float, default=10.0, help="minutes between the curve's points")
     p.add_argument("--draws", type=int, default=5, help="labelled draws per setting")
@@ -121,16 +123,23 @@ def train_command(args, ds: Dataset, run: Path, extra: list[str]) -> list[str]:
             "--run.resume", "true", "--run.seed", str(args.seed), *extra]
 
 
+def concurrency(runs: int, jobs: int, cores: int) -> tuple[int, int]:
+    """(runs at once, torch threads of each) for `runs` pre-trainings with `--jobs` `jobs` (0: all at once) on
+    `cores` cores: the cores are shared evenly, at least one thread each."""
+    at_once = max(1, min(runs, jobs or runs))
+    return at_once, max(1, cores // at_once)
+
+
 def pretrain(args, sets: list[Dataset], out: Path, extra: list[str]) -> None:
-    """Run the pre-trainings, `--jobs` at a time, each with its share of the cores; progress every 30 s."""
+    """Run the pre-trainings, `--jobs` at a time, each with its share of the cores; progress every 30 s at most."""
     todo = [ds for ds in sets if not finished(out / ds.name / "run")]
     for ds in sets:
         if ds not in todo:
             log.info("%s: pre-training already finished in %s; not run again", ds.name, out / ds.name / "run")
-    jobs = min(len(todo), args.jobs or len(todo)) or 1
-    threads = max(1, usable_cores() // jobs)
+    jobs, threads = concurrency(len(todo), args.jobs, usable_cores())
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     running: dict[str, tuple[subprocess.Popen, Path]] = {}
+    relay = ProgressRelay()
     failed = []
     try:
         while todo or running:
@@ -150,7 +159,8 @@ def pretrain(args, sets: list[Dataset], out: Path, extra: list[str]) -> None:
             for name, (proc, run) in list(running.items()):
                 line = last_step_line(run / "train.log")
                 if proc.poll() is None:
-                    log.info("%s: %s", name, line or "starting")
+                    if relay.due(name, line or "starting", time.monotonic()):
+                        log.info("%s: %s", name, line or "starting")
                     continue
                 del running[name]
                 if proc.returncode != 0:
@@ -174,6 +184,22 @@ def pretrain(args, sets: list[Dataset], out: Path, extra: list[str]) -> None:
         raise
     if failed:
         raise SystemExit(f"error: pre-training failed for {', '.join(failed)}")
+
+
+class ProgressRelay:
+    """Which trainer progress lines to repeat: a new one, or the same one again after `quiet` seconds (the
+    trainer is alive but has logged no step since). Short runs are polled every second; unchanged lines are
+    not printed again each time."""
+
+    def __init__(self, quiet: float = 30.0):
+        self.quiet, self.shown = quiet, {}
+
+    def due(self, name: str, line: str, now: float) -> bool:
+        prev = self.shown.get(name)
+        if prev is not None and prev[0] == line and now - prev[1] < self.quiet:
+            return False
+        self.shown[name] = (line, now)
+        return True
 
 
 def last_step_line(logfile: Path) -> str:
@@ -287,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    jobs = min(len(sets), args.jobs or len(sets))
+    jobs = concurrency(len(sets), args.jobs, usable_cores())[0]
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "cores": usable_cores(),
               "command": "python -m msn_fast.study " + " ".join(argv), "model": args.model,
               "minutes": args.minutes, "jobs": jobs, "draws": args.draws, "datasets": {}}

@@ -4,7 +4,7 @@
 # the same ViT with random weights; writes runs/label_efficiency/report.{md,json}, accuracy plots and the
 # curve of 5-shot accuracy against pre-training minutes.
 #
-#   bash scripts/label_efficiency.sh                          # ../shared/data, 60 minutes, both sets at once
+#   bash scripts/label_efficiency.sh                          # ../shared/data, 60 minutes each, one after the other
 #   bash scripts/label_efficiency.sh --minutes 20 --out /tmp/le
 #   bash scripts/label_efficiency.sh --dataset photos=/data/photos   # another labelled set, same recipe
 #

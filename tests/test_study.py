@@ -33,6 +33,25 @@ def test_margins_take_the_best_baseline_and_the_bar_needs_every_shot_and_both_me
     assert study_report.bar_verdict("cifar10", gaps)["met"] is True
 
 
+def test_progress_relay_repeats_a_line_only_when_it_changes_or_after_a_quiet_spell():
+    relay = study.ProgressRelay(quiet=30.0)
+    assert relay.due("a", "starting", 0.0)
+    assert not relay.due("a", "starting", 1.0)  # polled every second: not printed again
+    assert relay.due("b", "starting", 1.0)  # each run has its own last line
+    assert relay.due("a", "step 50/100", 2.0) and not relay.due("a", "step 50/100", 31.9)
+    assert relay.due("a", "step 50/100", 32.0)  # alive but silent for 30 s: said again
+    assert not relay.due("a", "step 50/100", 33.0) and relay.due("a", "step 100/100", 33.0)
+
+
+def test_by_default_each_pretraining_gets_every_core_one_after_the_other():
+    assert study.build_parser().parse_args([]).jobs == 1
+    assert study.concurrency(2, 1, 2) == (1, 2)  # the default: each dataset has both cores for its hour
+    assert study.concurrency(2, 0, 2) == (2, 1)  # --jobs 0: both at once, a core each
+    assert study.concurrency(3, 0, 2) == (3, 1)  # never fewer than one thread
+    assert study.concurrency(1, 0, 2) == (1, 2) and study.concurrency(1, 4, 2) == (1, 2)
+    assert study.concurrency(0, 1, 2) == (1, 2)  # nothing left to train (all finished)
+
+
 def test_curve_points_take_the_last_checkpoint_before_each_mark(monkeypatch):
     minutes = {f"s{i}": m for i, m in enumerate([1.0, 2.5, 4.9, 5.2, 9.0, 10.5, 12.0])}
     monkeypatch.setattr(study, "list_checkpoints", lambda run: [Path(k) for k in minutes])
