@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 PROBE_STEPS = 5
-REPLAN_AT = (0.25, 0.5, 0.75, 0.9)
+REPLAN_AT = (0.25, 0.5, 0.75, 0.9, 0.95, 0.98)
 """Fractions of the planned steps at which the plan is made again. All come after the longest warm-up a fitted
 schedule keeps (10% of the run), so a re-plan moves the cosine, not the warm-up (unless the speed more than
 doubles). A re-plan takes the slower of the speed since the previous plan and the mean speed since the first
@@ -26,11 +26,13 @@ plan: a slowdown shortens the run at once, and a short fast spell lengthens it o
 are rebuilt over the new length, so a run shortened late still decays to its final learning rate (its cosine
 steps ahead), and one lengthened late climbs back a little (ignoring the warm-up, with horizon_scale 1: at 90%
 of the cosine, 5% more steps lift the learning rate from 2.4% to 5.0% of the way from its final value to its
-peak). The late ones (0.75, 0.9) keep the end inside the budget when the machine slows down in the second half
+peak). The late ones (0.75 to 0.98) keep the end inside the budget when the machine slows down in the second half
 early enough for one of them to see it: with re-plans at 0.25 and 0.5 alone, a 15-minute run on a shared 2-core
 machine that slowed down after its midpoint trained for 16.7 minutes (2026-12-06, bench/results/
-2026-12-06-recipe-sweep-cpu/logs/V_ctl.log). A slowdown after the last re-plan still overruns, by at most the
-last 10% of the run's steps times the slowdown."""
+2026-12-06-recipe-sweep-cpu/logs/V_ctl.log); with 0.9 the last, a 60-minute run that slowed from 0.16 to about
+0.175 s a step after it trained for 60.6 (2026-12-07, bench/results/2026-12-07-label-efficiency-cpu-h/
+cifar10_train.log), hence 0.95 and 0.98. A slowdown after the last re-plan still overruns, by at most the last
+2% of the run's steps times the slowdown."""
 EVAL_MARGIN = 1.5  # the logistic-regression fits and feature copies, on top of decoding and forwards
 EVAL_FIXED_S = 5.0  # start-up of the report: random-init model, first batches
 
