@@ -159,8 +159,9 @@ def pretrain(args, sets: list[Dataset], out: Path, extra: list[str]) -> None:
             for name, (proc, run) in list(running.items()):
                 line = last_step_line(run / "train.log")
                 if proc.poll() is None:
-                    if relay.due(name, line or "starting", time.monotonic()):
-                        log.info("%s: %s", name, line or "starting")
+                    line = line or "starting"
+                    if relay.due(name, line, time.monotonic()):
+                        log.info("%s: %s", name, line)
                     continue
                 del running[name]
                 if proc.returncode != 0:
