@@ -15,6 +15,7 @@ process raises one `DataError` line.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import signal
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .recipe import ViewRecipe
-from .sources import DataError
+from .sources import DataError, fit_short_side
 from .views import MultiViewTransform
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,14 @@ def note_unreadable(seen: dict[int, str], broken: dict[int, str]) -> None:
             log.warning("skipping unreadable image %s", why)
 
 
+def _takes_min_size(source) -> bool:
+    """Whether `source.load` takes `min_size` (ImageFolder's does; a user's `load(i)` need not)."""
+    try:
+        return "min_size" in inspect.signature(source.load).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 class MultiViewDataset(Dataset):
     """source[i] -> (globals [G,3,S,S], focals [F,3,s,s], label, replaced, broken) or an Unusable marker."""
 
@@ -104,7 +113,11 @@ class MultiViewDataset(Dataset):
     def __init__(self, source: Sequence, recipe: ViewRecipe, seed: int = 0, decode_only: bool = False):
         self.source, self.transform, self.seed, self.epoch = source, MultiViewTransform(recipe), seed, 0
         self.decode_only = decode_only  # items carry the decoded image; BatchedCollate makes the views
+        # Decode-only items need no more than twice the largest view's size on the short side: a larger photo
+        # is decoded at a reduced scale where the source can (ImageFolder: JPEG DCT scaling), then box-filtered
+        # to exactly that. Crop fractions are relative, so the views' statistics do not change.
         self.max_short_side = 2 * max(recipe.global_size, recipe.focal_size)
+        self._load_kwargs = {"min_size": self.max_short_side} if decode_only and _takes_min_size(source) else {}
         self.known: dict[int, str] = {}  # unreadable files found earlier in the run: not decoded again
 
     def __len__(self) -> int:
@@ -115,7 +128,7 @@ class MultiViewDataset(Dataset):
         if j in self.known:
             return None, -1, self.known[j]
         if hasattr(self.source, "load"):
-            return self.source.load(j)
+            return self.source.load(j, **self._load_kwargs)
         img, label = self.source[j]
         return img, label, None if img is not None else f"item {j} of the source: no image"
 
@@ -132,9 +145,7 @@ class MultiViewDataset(Dataset):
             else:
                 return Unusable(exhausted_message(self.source, i, broken))
         if self.decode_only:
-            factor = min(img.size) // self.max_short_side  # a large photo is box-filtered down first (PIL, in C):
-            if factor > 1:  # crop fractions are relative, so the views' statistics do not change
-                img = img.reduce(factor)
+            img = fit_short_side(img, self.max_short_side)
             pixels = torch.from_numpy(np.array(img, np.uint8, copy=True)).permute(2, 0, 1)  # [3, h, w]
             return pixels, (i, self.epoch), label, i in broken, broken
         with torch.random.fork_rng(devices=[]):  # the slot's views are seeded by the slot, whatever fills it

@@ -13,7 +13,9 @@ from torchvision.transforms import v2
 
 from msn_fast.dataloading import ImageFolder, MultiViewTransform, ViewRecipe, build_loader
 from msn_fast.dataloading.batched_views import _views, batched_views
+from msn_fast.dataloading.loader import MultiViewDataset
 from msn_fast.dataloading.params import view_params
+from msn_fast.dataloading.sources import fit_short_side, read_image
 
 H, W, S = 48, 64, 32
 
@@ -140,3 +142,57 @@ def test_loader_with_batched_augmentation_resumes_exactly_for_any_workers(tmp_pa
         torch.testing.assert_close(a.focals, b.focals, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="augment='gpu'"):
         build_loader(src, recipe, 4, augment="gpu")
+
+
+def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A smooth w x h colour picture (noise upsampled bicubically), like a photograph at a JPEG's scale."""
+    base = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
+    img = F.interpolate(base, size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    return Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_then_fit_to_twice_the_largest_view(tmp_path):
+    (tmp_path / "c").mkdir()
+    _photo(640, 480).save(tmp_path / "c" / "big.jpg", quality=95)
+    _photo(200, 150, seed=1).save(tmp_path / "c" / "big.png")
+    _photo(40, 30, seed=2).save(tmp_path / "c" / "small.jpg", quality=95)
+    big = str(tmp_path / "c" / "big.jpg")
+    full, part = read_image(big), read_image(big, min_size=64)
+    assert full.size == (640, 480) and part.size == (160, 120)  # DCT scaling 1/4: the largest keeping 64 a side
+    ref = np.asarray(full.resize(part.size, Image.BOX), np.float64)
+    # the same picture, to JPEG's rounding: mean difference a few levels of 255 (another picture: tens)
+    assert np.abs(np.asarray(part, np.float64) - ref).mean() < 4.0
+    assert read_image(str(tmp_path / "c" / "big.png"), min_size=64).size == (200, 150)  # not a JPEG: whole
+
+    src = ImageFolder(tmp_path)  # sorted: big.jpg, big.png, small.jpg
+    ds = MultiViewDataset(src, ViewRecipe(global_size=32, focal_size=16), decode_only=True)
+    shapes = [tuple(ds[i][0].shape) for i in range(3)]
+    assert shapes == [(3, 64, 85), (3, 64, 85), (3, 30, 40)]  # short side 2 x 32, aspect kept; small unchanged
+    ref = np.asarray(fit_short_side(full, 64), np.float64).transpose(2, 0, 1)
+    assert np.abs(ds[0][0].numpy().astype(np.float64) - ref).mean() < 4.0
+    assert fit_short_side(full, 64).size == (85, 64) and fit_short_side(part, 200) is part
+
+
+def test_decoding_at_a_reduced_scale_only_for_the_batched_views_and_only_where_the_source_takes_it(tmp_path):
+    class Recording:  # a source with `load` and the min_size keyword, recording what it was asked
+        def __init__(self, img):
+            self.img, self.asked = img, []
+
+        def __len__(self):
+            return 4
+
+        def load(self, i, min_size=None):
+            self.asked.append(min_size)
+            return self.img, 0, None
+
+    class Plain(Recording):  # `load(i)` alone, as a user's source may have it
+        def load(self, i):
+            return self.img, 0, None
+
+    recipe = ViewRecipe(global_size=16, focal_size=8, num_focal=2)
+    img = _photo(120, 90)
+    batched, per_image = Recording(img), Recording(img)
+    assert MultiViewDataset(batched, recipe, decode_only=True)[0][0].shape == (3, 32, 43)
+    MultiViewDataset(per_image, recipe)[0]  # the per-image views crop the whole image
+    assert batched.asked == [32] and per_image.asked == [None]
+    assert MultiViewDataset(Plain(img), recipe, decode_only=True)[0][0].shape == (3, 32, 43)
