@@ -77,7 +77,7 @@ def fit_short_side(img: Image.Image, size: int) -> Image.Image:
     short = min(w, h)
     if short <= size:
         return img
-    return img.resize((max(size, round(w * size / short)), max(size, round(h * size / short))), Image.BOX)
+    return img.resize((round(w * size / short), round(h * size / short)), Image.BOX)  # the short side: exactly size
 
 
 def load_image(path: str) -> Image.Image | None:

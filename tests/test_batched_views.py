@@ -168,9 +168,10 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_then_fit_to_twice_the_larges
     ds = MultiViewDataset(src, ViewRecipe(global_size=32, focal_size=16), decode_only=True)
     shapes = [tuple(ds[i][0].shape) for i in range(3)]
     assert shapes == [(3, 64, 85), (3, 64, 85), (3, 30, 40)]  # short side 2 x 32, aspect kept; small unchanged
-    ref = np.asarray(fit_short_side(full, 64), np.float64).transpose(2, 0, 1)
+    fit = fit_short_side(full, 64)
+    assert fit.size == (85, 64) and fit_short_side(part, 200) is part
+    ref = np.asarray(fit, np.float64).transpose(2, 0, 1)
     assert np.abs(ds[0][0].numpy().astype(np.float64) - ref).mean() < 4.0
-    assert fit_short_side(full, 64).size == (85, 64) and fit_short_side(part, 200) is part
 
 
 def test_decoding_at_a_reduced_scale_only_for_the_batched_views_and_only_where_the_source_takes_it(tmp_path):
