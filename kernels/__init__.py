@@ -2,7 +2,8 @@
 
 Importable with only torch (and triton, where installed: Linux), so other ViT projects can depend
 on it alone. Every public function takes `backend="auto" | "triton" | "torch"`: "auto" runs Triton
-on CUDA tensors when Triton is installed and torch otherwise; "triton" without it is a RuntimeError.
+on CUDA tensors when Triton is installed and torch otherwise (for attention on a CPU, SDPA or, for short fp32
+training attention, the eager form: `attention.CPU_MATMUL_MAX_KEYS`); "triton" without it is a RuntimeError.
 """
 
 

@@ -22,6 +22,13 @@ from ._utils import check_dtype, check_finite, check_same_device, next_power_of_
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) == exp2(x·log2 e)
+CPU_MATMUL_MAX_KEYS, CPU_MATMUL_MAX_HEAD_DIM = 48, 32
+"""On a CPU, "auto" runs fp32 attention that autograd records, over at most 48 keys with heads at most 32 wide, as
+the eager form (two matmuls and a softmax, `attention_ref`) rather than SDPA's flash kernel, slower on so small a
+problem. Forward + backward, q/k/v strided views of one qkv projection, eager time / SDPA time (AMD EPYC,
+AVX2; bench/results/2026-12-07-cpu-short-attention/): 4 heads of 32, 17 / 33 / 45 / 65 keys: 0.45 / 0.66 / 0.64 /
+0.83 on 2 threads, 0.61 / 0.81 / 0.88 / 1.02 on 1. With heads of 64 the eager form lost on 1 thread from 33 keys
+(1.23), and without autograd it lost on 1 thread at 17 keys (1.05), so those keep SDPA."""
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None, kernel: bool = False) -> None:
@@ -248,6 +255,13 @@ def _self_checked(q: Tensor, k: Tensor, v: Tensor, scale: float, strict: bool) -
     return selfcheck.use_triton("attention", key, sample, q, strict=strict)
 
 
+def _cpu_short_training(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether "auto" takes the eager form (see CPU_MATMUL_MAX_KEYS)."""
+    small = k.shape[2] <= CPU_MATMUL_MAX_KEYS and q.shape[-1] <= CPU_MATMUL_MAX_HEAD_DIM
+    recorded = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return q.device.type == "cpu" and q.dtype == torch.float32 and small and recorded
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str = "auto") -> Tensor:
     """Non-causal attention, softmax(q kᵀ · scale) v, differentiable in q, k and v.
 
@@ -256,15 +270,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, ba
             one device, any strides. Nkv >= 1; Nq = 0 gives an empty output (and zero dK, dV).
         scale: a finite number; defaults to D ** -0.5.
         backend: "auto" (Triton on CUDA, SDPA elsewhere; also SDPA where the Triton kernel does not
-            apply: fp64, head dims outside 32/64/80/96/128), "triton", "torch" (SDPA), "eager", "xformers".
+            apply: fp64, head dims outside 32/64/80/96/128; on a CPU, fp32 training over few keys with
+            narrow heads takes the eager form, faster there: CPU_MATMUL_MAX_KEYS), "triton", "torch" (SDPA),
+            "eager", "xformers".
     Returns:
         [B, H, Nq, D] in the input dtype; softmax statistics and products are accumulated in fp32.
         A bad input raises ValueError (TypeError for a dtype) naming it, alike for every backend.
     """
     _check_inputs(q, k, v, scale)
-    if backend == "auto" and (q.dtype not in SUPPORTED_DTYPES or q.shape[-1] not in SUPPORTED_HEAD_DIMS):
+    auto = backend == "auto"
+    if auto and (q.dtype not in SUPPORTED_DTYPES or q.shape[-1] not in SUPPORTED_HEAD_DIMS):
         backend = "torch"
     requested, backend = backend, resolve_backend(backend, q, "attention", extra=("eager", "xformers"))
+    if auto and backend == "torch" and _cpu_short_training(q, k, v):
+        backend = "eager"
     if backend == "triton":
         _check_inputs(q, k, v, scale, kernel=True)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -342,6 +342,64 @@ def test_bad_inputs_fail_alike_on_every_backend(case, backend):
     assert str(err) == str(_error_of(lambda: attention(q, k, v, scale=scale, backend="torch")))
 
 
+def _dispatch(monkeypatch):
+    """Spies on the two CPU paths of "auto": the list gets "eager" or "sdpa" per call."""
+    seen, ref, sdpa = [], attn_mod.attention_ref, attn_mod.F.scaled_dot_product_attention
+    monkeypatch.setattr(attn_mod, "attention_ref", lambda *a, **kw: seen.append("eager") or ref(*a, **kw))
+    monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append("sdpa") or sdpa(*a, **kw))
+    return seen
+
+
+def test_auto_on_cpu_takes_the_eager_form_for_short_training_attention(monkeypatch):
+    """fp32 attention that autograd records over at most CPU_MATMUL_MAX_KEYS keys, heads at most
+    CPU_MATMUL_MAX_HEAD_DIM wide: the eager form; longer, wider, without autograd, or another dtype: SDPA."""
+    seen = _dispatch(monkeypatch)
+    most = attn_mod.CPU_MATMUL_MAX_KEYS
+
+    def route(nkv, dtype=torch.float32, grad=True, nq=None, d=32):
+        seen.clear()
+        q = torch.randn(2, 2, nkv if nq is None else nq, d, dtype=dtype, requires_grad=grad)
+        k, v = (torch.randn(2, 2, nkv, d, dtype=dtype) for _ in range(2))
+        attention(q, k, v)
+        return seen[0]
+
+    assert route(17) == route(most) == route(most, nq=1) == route(17, d=16) == "eager"
+    assert route(17, d=64) == route(most + 1) == route(17, grad=False) == "sdpa"
+    assert route(17, torch.float64) == route(17, torch.bfloat16) == "sdpa"
+    with torch.no_grad():
+        assert route(17) == "sdpa"
+    q, k, v = (torch.randn(2, 2, 17, 32, requires_grad=True) for _ in range(3))
+    seen.clear()
+    attention(q, k, v, backend="torch")  # a backend named is the backend run
+    assert seen == ["sdpa"]
+
+
+@pytest.mark.parametrize("nq,nkv", [(17, 17), (1, 45), (45, 45), (3, 48)])
+def test_auto_on_cpu_short_training_attention_matches_reference(monkeypatch, nq, nkv):
+    """The eager form "auto" runs on a CPU (strided q, k, v as a ViT makes them; nq 1 as the CLS-only last block):
+    output and every gradient within fp32 rounding bounds of the fp64 reference."""
+    seen = _dispatch(monkeypatch)
+    b, h, d = 3, 2, 32
+    qkv = torch.randn(b, nkv, 3, h, d)
+    do = torch.randn(b, h, nq, d)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q = q[:, :, :nq]
+
+    def run(fn, x):
+        x = x.detach().clone().requires_grad_()
+        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
+        out = fn(q[:, :, :nq], k, v)
+        return out, torch.autograd.grad(out, x, do.to(out.dtype))[0]
+
+    got = run(attention, qkv)
+    assert seen and set(seen) == {"eager"}
+    ref = run(torch.nn.functional.scaled_dot_product_attention, qkv.double())  # SDPA's math path in fp64
+    b_out, *b_qkv = _fp32_bounds(q, k, v, do)
+    b_qkv[0] = torch.cat([b_qkv[0], torch.zeros(b, h, nkv - nq, d, dtype=b_out.dtype)], 2)  # unused queries: 0
+    _check(("out", "dqkv"), got, ref, torch.float32, None, [b_out, torch.stack(b_qkv).permute(1, 3, 0, 2, 4)])
+
+
 @pytest.mark.parametrize("backend", ["torch", "eager", "triton"])
 def test_zero_queries_give_an_empty_output_and_zero_key_grads(backend):
     q, k, v = (_rand((2, 2, n, 64), torch.float32) for n in (0, 13, 13))
