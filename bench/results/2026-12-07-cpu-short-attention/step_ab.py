@@ -20,12 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "2026-12-06-cpu-
 from profile_step import build as build_model_arm  # noqa: E402  (the profile's model, optimizer and schedules)
 from profile_step import steps  # noqa: E402
 
+from msn_fast.vit import Attention  # noqa: E402
+
 
 def build(impl: str):
     """profile_step.build's arm (seed 0, `cpu_photos`) with attention backend `impl`."""
     cfg, model, opt, sched = build_model_arm(False)
     for m in model.modules():
-        if hasattr(m, "impl") and hasattr(m, "qkv"):
+        if isinstance(m, Attention):
             m.impl = impl
     return cfg, model, opt, sched
 
