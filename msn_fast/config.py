@@ -212,7 +212,8 @@ class DistConfig:
     param_dtype: str = "auto"
     """compute dtype of the encoders: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; loss and prototypes stay fp32"""
     fsdp: str = "auto"
-    """FSDP2 sharding: auto (on when several processes or bf16) | on | off"""
+    """FSDP2 sharding: auto (on when several processes or bf16) | on | off (with several processes: each holds
+    the whole model and the step averages the gradients, replicated data parallelism)"""
     activation_checkpointing: bool = False
     """recompute each ViT block in the backward instead of saving its activations"""
     compile: bool = False

@@ -11,6 +11,7 @@ conv stem) are computed over the global batch by `SyncBatchNorm1d` (`2d`), which
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -137,18 +138,32 @@ def shard_encoder(encoder: nn.Module, param_dtype: torch.dtype | None, reshard_r
     fully_shard(encoder, mp_policy=mp, reshard_after_forward=reshard_root)
 
 
-def all_reduce_grad_mean(param: nn.Parameter) -> None:
-    """Average a replicated parameter's gradient over processes (the prototypes).
+def average_replicated_grads(params: Iterable[nn.Parameter]) -> None:
+    """Average over processes the gradients of the parameters that every process holds whole: the prototypes
+    always, and the whole student when it is not sharded (dist.fsdp off: replicated data parallelism, as DDP
+    but after the backward). FSDP2's shards (DTensor) are skipped: FSDP has reduced their gradients. One
+    all-reduce of the gradients laid end to end; parameters without a gradient are left as they are (every
+    process runs the same graph, so they agree on which those are).
 
     Fidelity note: the official code all-reduces the prototype gradient as a *sum* (AllReduceSum), so
     its gradient is world_size times ours. Under AdamW the update m/(sqrt(v)+eps) is invariant to a
     constant gradient scale except through eps (1e-8), so the two are nearly equivalent; the mean
-    matches the encoder's FSDP averaging and keeps the gradient independent of the process count.
+    matches the encoder's averaging and keeps the gradient independent of the process count.
     """
-    if param.grad is not None and world_size() > 1:
-        dist.all_reduce(param.grad)
-        param.grad /= world_size()
+    world = world_size()
+    if world == 1:
+        return
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 __all__ = ["DistInfo", "init_distributed", "init_single_process_group", "world_size", "SyncBatchNorm1d",
-           "SyncBatchNorm2d", "convert_sync_batchnorm", "shard_encoder", "all_reduce_grad_mean"]
+           "SyncBatchNorm2d", "convert_sync_batchnorm", "shard_encoder", "average_replicated_grads"]

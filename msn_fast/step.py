@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
-from .distributed import all_reduce_grad_mean
+from .distributed import average_replicated_grads
 from .ema import ema_update
 from .model import MSN
 from .schedules import Schedules
@@ -63,7 +63,7 @@ def train_step(model: MSN, batch, optimizer, sched: Schedules, step: int, cfg: C
     loss.backward()
     for b, old in zip(buffers, before):  # after the backward, which saved the buffers' versions
         b.copy_(torch.where(ok, b, old))
-    all_reduce_grad_mean(model.prototypes)
+    average_replicated_grads([*model.student.parameters(), model.prototypes])
     if cfg.optim.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(list(model.student.parameters()), cfg.optim.clip_grad)
     skip_or_step(optimizer, ok)

@@ -193,19 +193,20 @@ import torch
 import torch.distributed as dist
 import msn_fast.model as msn_model
 from msn_fast.dataloading.loader import MultiViewBatch
-from msn_fast.config import Config, HeadConfig, LossConfig, MaskConfig, OptimConfig, ViTConfig
+from msn_fast.config import Config, DistConfig, HeadConfig, LossConfig, MaskConfig, OptimConfig, ViTConfig
 from msn_fast.distributed import init_distributed
 from msn_fast.build import build_model, build_optimizer
 from msn_fast.schedules import Schedules
 from msn_fast.step import read_step, train_step
 
 out, stem, hide = sys.argv[1], sys.argv[2].removesuffix("_hide"), sys.argv[2].endswith("_hide")
+fsdp = sys.argv[3]  # "auto": FSDP2 with 2 processes; "off": replicated parameters, gradients all-reduced
 info = init_distributed("cpu")
 cfg = Config(vit=ViTConfig(dim=32, depth=2, heads=2, patch_size=4, img_size=16, attn_impl="torch",
                            embed_impl="torch", stem=stem, stem_hides_dropped=hide),
              head=HeadConfig(hidden_dim=64, out_dim=32, num_prototypes=32),
              mask=MaskConfig(ratio=0.5, mode="per_sample"), loss=LossConfig(sinkhorn_iters=3),
-             optim=OptimConfig(epochs=1, warmup_epochs=0))
+             optim=OptimConfig(epochs=1, warmup_epochs=0), dist=DistConfig(fsdp=fsdp))
 torch.manual_seed(0)  # the same initial model on every process
 model = build_model(cfg, torch.device("cpu"), info)
 g = torch.Generator().manual_seed(1)  # the same global batch and masks everywhere; each rank takes its rows
@@ -229,36 +230,46 @@ res["grad.prototypes"] = model.prototypes.grad.clone()
 for name, buf in model.student.named_buffers():
     if "running" in name:
         res["buffer." + name] = buf.clone()
-if info.rank == 0:
-    torch.save(res, os.path.join(out, f"world{info.world}.pt"))
+assert any(hasattr(p, "full_tensor") for p in model.student.parameters()) == (fsdp == "auto" and info.world > 1)
+torch.save(res, os.path.join(out, f"world{info.world}_rank{info.rank}.pt"))
 if dist.is_initialized():
     dist.barrier()
     dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("stem", ["linear", "conv", "conv_hide"])
-def test_two_process_step_matches_one_process_with_masking_and_sync_bn(tmp_path, stem):
+@pytest.mark.parametrize("stem, fsdp", [("linear", "auto"), ("conv", "auto"), ("conv_hide", "auto"), ("conv", "off")])
+def test_two_process_step_matches_one_process_with_masking_and_sync_bn(tmp_path, stem, fsdp):
     """One training step (the product's train_step) of 2 gloo processes x 8 images vs 1 process x 16,
     fp32, 50% per-sample masking (the same masks, taken by sample), SyncBN in the head (and in the conv
     stem: SyncBatchNorm2d; `conv_hide`: with vit.stem_hides_dropped, each rank zeroing its own samples' dropped
-    patches), FSDP2 on the two ranks, Sinkhorn and ME-MAX across ranks. Gradients (after
-    clipping), BN running statistics and the logged loss agree up to fp32 rounding of another summation
+    patches), FSDP2 on the two ranks (`fsdp` off: each rank holds the whole model and the step averages every
+    gradient in one all-reduce; the two ranks' gradients must then be equal), Sinkhorn and ME-MAX across ranks.
+    Gradients (after clipping), BN running statistics and the logged loss agree up to fp32 rounding of another summation
     order; a sum where a mean belongs (2x), a missing all-reduce (half the batch) or local BN statistics are
     O(1) off. (The parameters after the first AdamW step are not compared: that step is ~lr·sign(g), which
     turns a rounding difference in a near-zero gradient into an O(lr) one.)"""
-    from conftest import rounding_bound
-
     (tmp_path / "w").write_text(_STEP_WORKER)
     env = {**ENV, "PYTHONPATH": os.pathsep.join(sys.path)}
-    one = subprocess.run([sys.executable, str(tmp_path / "w"), str(tmp_path), stem], capture_output=True,
+    one = subprocess.run([sys.executable, str(tmp_path / "w"), str(tmp_path), stem, fsdp], capture_output=True,
                          text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(tmp_path / "w"), str(tmp_path), stem], capture_output=True, text=True, timeout=300,
+                          str(tmp_path / "w"), str(tmp_path), stem, fsdp], capture_output=True, text=True, timeout=300,
                          env=env)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = torch.load(tmp_path / "world2.pt"), torch.load(tmp_path / "world1.pt")
+    b = torch.load(tmp_path / "world1_rank0.pt")
+    a = [torch.load(tmp_path / f"world2_rank{rank}.pt") for rank in (0, 1)]
+    _compare_step(a[0], b, stem)
+    if fsdp == "off":  # the replicas step with the same gradients (a + b is b + a), so they stay identical
+        for key in a[0]:
+            if key.startswith("grad."):
+                assert torch.equal(a[0][key], a[1][key]), f"{key}: the two replicas' gradients differ"
+
+
+def _compare_step(a: dict, b: dict, stem: str) -> None:
+    from conftest import rounding_bound
+
     assert a.keys() == b.keys() and any(k.startswith("buffer.head") for k in a)
     assert stem.startswith("conv") == any(k.startswith("buffer.trunk.patch_embed") for k in a)
     # Sums over up to 16 images x 17 tokens x 64 features, a few chained: conftest's rounding model.
