@@ -284,10 +284,27 @@ def evaluate(args, splits: Splits | None = None) -> dict:
     }
 
 
+def warn_short_classes(labels: np.ndarray, classes: list[str], shots: list[int]) -> list[str]:
+    """Warn, once for the largest shot count, when some classes have fewer training images than it: a k-shot
+    draw takes all of theirs (fewer than k labelled images). labels: [N] class indices into `classes`.
+    Returns the names of those classes."""
+    if not shots or not len(labels):
+        return []
+    k, counts = max(shots), np.bincount(labels, minlength=len(classes))
+    short = [(classes[c], int(n)) for c, n in enumerate(counts) if 0 < n < k]
+    if short:
+        named = ", ".join(f"{c} ({n})" for c, n in short[:5])
+        named += f" and {len(short) - 5} more" if len(short) > 5 else ""
+        log.warning("%d class(es) have fewer than %d training images; a %d-shot draw takes all they have: %s",
+                    len(short), k, k, named)
+    return [c for c, _ in short]
+
+
 def evaluate_all(args) -> list[dict]:
     """This feature set's report, then (--baselines) random-init weights' and raw pixels' on the same splits."""
     _check_args(args)
     splits = find_splits(args.data, args.exclude_class, args.eval_split)
+    warn_short_classes(splits.train.labels(), splits.train.classes, args.shots or [])
     reports = [evaluate(args, splits)]
     if args.baselines:
         for kind in ("random_init", "raw_pixels"):

@@ -275,3 +275,23 @@ def test_cli_help_lists_flags(capsys):
     for flag in ("--checkpoint", "--data", "--shots", "--fractions", "--draws", "--knn-k", "--linear", "--cache",
                  "--random-init", "--raw-pixels", "--exclude-class"):
         assert flag in out
+
+
+def test_a_class_with_fewer_training_images_than_the_shots_is_named_once(tmp_path, capsys, caplog):
+    root = _folder_dataset(tmp_path / "d")  # 6 train images a class
+    for p in sorted((root / "train" / "c2").glob("*.png"))[2:]:
+        p.unlink()  # c2 keeps 2
+    args = ["--raw-pixels", "--baselines", "--data", root, "--model", "cpu_demo", "--draws", "1", "--knn-k", "0",
+            "--fractions", "--no-cache"]
+    with caplog.at_level("WARNING", logger="msn_fast.eval"):
+        rc, out, err = _run(capsys, *args, "--shots", "1", "2")
+    assert rc == 0, err
+    assert not [r for r in caplog.records if "fewer than" in r.message]  # 2 shots: every class has enough
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="msn_fast.eval"):
+        rc, out, err = _run(capsys, *args, "--shots", "1", "5", "--out", tmp_path / "r.json")
+    assert rc == 0, err
+    short = [r.getMessage() for r in caplog.records if "fewer than" in r.getMessage()]
+    assert short == ["1 class(es) have fewer than 5 training images; a 5-shot draw takes all they have: c2 (2)"]
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["results"]["5-shot"]["num_labelled"] == [5 + 5 + 2]
