@@ -105,12 +105,42 @@ def _takes_min_size(source) -> bool:
         return False
 
 
+class DecodedCache:
+    """Decoded images kept in memory up to `max_bytes`, by source index: uint8 [h, w, 3] arrays, each added while
+    it fits and never evicted (the first ones met stay: one epoch's order is random, so any fixed part serves as
+    well as another). What a decode-only item holds is a function of its index alone, so a hit returns exactly
+    what decoding again would."""
+
+    OVERHEAD = 128  # bytes a kept entry costs beyond its pixels (array header, dict slot), roughly
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.full = max_bytes, 0, False
+        self.items: dict[int, tuple[np.ndarray, int]] = {}
+
+    def get(self, i: int) -> tuple[np.ndarray, int] | None:
+        return self.items.get(i)
+
+    def put(self, i: int, pixels: np.ndarray, label: int) -> None:
+        cost = pixels.nbytes + self.OVERHEAD
+        if self.bytes + cost > self.max_bytes:
+            self.full = True
+            return
+        self.items[i] = (pixels, label)
+        self.bytes += cost
+
+
 class MultiViewDataset(Dataset):
-    """source[i] -> (globals [G,3,S,S], focals [F,3,s,s], label, replaced, broken) or an Unusable marker."""
+    """source[i] -> (globals [G,3,S,S], focals [F,3,s,s], label, replaced, broken) or an Unusable marker; with
+    `decode_only`, (uint8 [3, h, w] pixels, (i, epoch), label, replaced, broken) for BatchedCollate.
+
+    cache_bytes (decode-only items): keep decoded images in memory up to this many bytes (DecodedCache), so each
+    is decoded once and later epochs read it from memory; 0 turns it off. Worth it in the training process only
+    (num_workers 0): a worker's copy of the dataset, with its cache, is dropped at the end of each epoch."""
 
     MAX_REPLACEMENTS = MAX_REPLACEMENTS
 
-    def __init__(self, source: Sequence, recipe: ViewRecipe, seed: int = 0, decode_only: bool = False):
+    def __init__(self, source: Sequence, recipe: ViewRecipe, seed: int = 0, decode_only: bool = False,
+                 cache_bytes: int = 0):
         self.source, self.transform, self.seed, self.epoch = source, MultiViewTransform(recipe), seed, 0
         self.decode_only = decode_only  # items carry the decoded image; BatchedCollate makes the views
         # Decode-only items need no more than twice the largest view's size on the short side: a larger photo
@@ -119,6 +149,7 @@ class MultiViewDataset(Dataset):
         self.max_short_side = 2 * max(recipe.global_size, recipe.focal_size)
         self._load_kwargs = {"min_size": self.max_short_side} if decode_only and _takes_min_size(source) else {}
         self.known: dict[int, str] = {}  # unreadable files found earlier in the run: not decoded again
+        self.cache = DecodedCache(cache_bytes) if decode_only and cache_bytes > 0 else None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -132,22 +163,34 @@ class MultiViewDataset(Dataset):
         img, label = self.source[j]
         return img, label, None if img is not None else f"item {j} of the source: no image"
 
+    def _pixels(self, j: int):
+        """Decode-only read: (uint8 [h, w, 3] array | None, label, None | why), from the cache when it is there."""
+        hit = self.cache.get(j) if self.cache is not None else None
+        if hit is not None:
+            return hit[0], hit[1], None
+        img, label, why = self._read(j)
+        if img is None:
+            return None, label, why
+        pixels = np.array(fit_short_side(img, self.max_short_side), np.uint8, copy=True)
+        if self.cache is not None:
+            self.cache.put(j, pixels, label)
+        return pixels, label, None
+
     def __getitem__(self, i: int):
-        img, label, why = self._read(i)
+        read = self._pixels if self.decode_only else self._read
+        img, label, why = read(i)
         broken = {}
         if img is None:
             broken[i] = why
             for j in replacements(len(self.source), i, self.seed, self.epoch, self.MAX_REPLACEMENTS):
-                img, label, why = self._read(j)
+                img, label, why = read(j)
                 if img is not None:
                     break
                 broken[j] = why
             else:
                 return Unusable(exhausted_message(self.source, i, broken))
-        if self.decode_only:
-            img = fit_short_side(img, self.max_short_side)
-            pixels = torch.from_numpy(np.array(img, np.uint8, copy=True)).permute(2, 0, 1)  # [3, h, w]
-            return pixels, (i, self.epoch), label, i in broken, broken
+        if self.decode_only:  # a view of the array (batched_views copies it into its padded batch)
+            return torch.from_numpy(img).permute(2, 0, 1), (i, self.epoch), label, i in broken, broken
         with torch.random.fork_rng(devices=[]):  # the slot's views are seeded by the slot, whatever fills it
             torch.manual_seed((self.seed * 1_000_003 + self.epoch * 100_000_007 + i) % (2**63))
             g, f = self.transform(img)
@@ -231,14 +274,19 @@ class MultiViewLoader:
 
     `unreadable` (source index -> "PATH: why") holds every broken file met so far by this loader, each warned about
     once, when first met; its size is the run's count. `augment`: "per_image" (views.py, torchvision on each PIL
-    image) or "batched" (batched_views.py: the workers decode, then one tensor pass per batch).
+    image) or "batched" (batched_views.py: the workers decode, then one tensor pass per batch). `cache_mb`: with
+    "batched" and num_workers 0, decoded images are kept in up to this much memory (MultiViewDataset).
     """
 
     def __init__(self, source: Sequence, recipe: ViewRecipe, batch_size: int, *, rank: int = 0, world: int = 1,
-                 seed: int = 0, num_workers: int = 2, pin_memory: bool = False, augment: str = "per_image"):
+                 seed: int = 0, num_workers: int = 2, pin_memory: bool = False, augment: str = "per_image",
+                 cache_mb: float = 0.0):
         if augment not in ("per_image", "batched"):
             raise ValueError(f"augment={augment!r}: choose per_image or batched")
-        self.dataset = MultiViewDataset(source, recipe, seed, decode_only=augment == "batched")
+        if cache_mb < 0:
+            raise ValueError(f"cache_mb={cache_mb}: must be >= 0")
+        cache_bytes = int(cache_mb * 2**20) if num_workers == 0 else 0  # workers drop theirs every epoch
+        self.dataset = MultiViewDataset(source, recipe, seed, decode_only=augment == "batched", cache_bytes=cache_bytes)
         self.unreadable: dict[int, str] = {}
         self.dataset.known = self.unreadable  # workers start each epoch with a copy: known files are not re-read
         self.sampler = ShardedSampler(len(source), batch_size, rank, world, seed)

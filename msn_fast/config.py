@@ -129,6 +129,9 @@ class DataConfig(ViewRecipe):
     """images per step (per process)"""
     num_workers: int = 2
     """loader worker processes (0: decode and augment in the training process, between steps; DALI: its threads)"""
+    cache_mb: float = 1024.0
+    """memory for decoded images kept from one epoch to the next, so each is decoded once (the torch loader with
+    augment batched and num_workers 0; images past it are decoded every epoch; 0: off)"""
 
     def __post_init__(self):
         ViewRecipe.__post_init__(self)  # explicit: zero-argument super() fails in a slots dataclass
@@ -137,6 +140,8 @@ class DataConfig(ViewRecipe):
         _require(self.eval_split in ("auto", "val", "test"), "data.eval_split", "auto, val or test", self.eval_split)
         _require(self.batch_size >= 2, "data.batch_size", ">= 2 (BatchNorm in the head)", self.batch_size)
         _require(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
+        _require(math.isfinite(self.cache_mb) and self.cache_mb >= 0, "data.cache_mb", "a finite number >= 0",
+                 self.cache_mb)
 
 
 @dataclass(kw_only=True, slots=True)

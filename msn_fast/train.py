@@ -209,7 +209,7 @@ def train(cfg: Config) -> Path:
         make_loader = build_dali_loader if d.backend == "dali" else build_shard_loader  # dali: its shard reader
     extra = {"device_id": device.index if device.type == "cuda" else None} if d.backend == "dali" else {}
     if make_loader is build_loader:
-        extra["augment"] = d.augment
+        extra["augment"], extra["cache_mb"] = d.augment, d.cache_mb
     # cfg.data is the loader's ViewRecipe: DataConfig inherits the view fields from it
     loader = make_loader(source, d, d.batch_size, rank=info.rank, world=info.world, seed=cfg.run.seed,
                          num_workers=d.num_workers, pin_memory=device.type == "cuda", **extra)

@@ -197,3 +197,59 @@ def test_decoding_at_a_reduced_scale_only_for_the_batched_views_and_only_where_t
     MultiViewDataset(per_image, recipe)[0]  # the per-image views crop the whole image
     assert batched.asked == [32] and per_image.asked == [None]
     assert MultiViewDataset(Plain(img), recipe, decode_only=True)[0][0].shape == (3, 32, 43)
+
+
+class _Counting(ImageFolder):
+    """An ImageFolder that counts its decodes by index."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.decoded: dict[int, int] = {}
+
+    def load(self, i, min_size=None):
+        self.decoded[i] = self.decoded.get(i, 0) + 1
+        return super().load(i, min_size)
+
+
+def test_the_decoded_cache_decodes_each_image_once_and_changes_no_batch(tmp_path):
+    root = _folder(tmp_path)  # 12 images
+    for i, (w, h) in enumerate([(90, 70), (33, 61)]):  # larger than twice the views, and of other shapes
+        _photo(w, h, seed=10 + i).save(root.root / "c1" / f"odd{i}.jpg", quality=90)
+    (root.root / "c0" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    recipe = ViewRecipe(global_size=16, focal_size=8, num_focal=2)
+    plain, cached = _Counting(root.root), _Counting(root.root)
+    n = len(plain)
+    a = build_loader(plain, recipe, 3, num_workers=0, seed=5, augment="batched", cache_mb=0)
+    b = build_loader(cached, recipe, 3, num_workers=0, seed=5, augment="batched", cache_mb=64)
+    assert a.dataset.cache is None and b.dataset.cache is not None
+    for epoch in range(3):
+        a.set_position(epoch)
+        b.set_position(epoch)
+        for x, y in zip(a, b, strict=True):  # exactly the same computation on the same decoded pixels
+            assert torch.equal(x.globals, y.globals) and torch.equal(x.focals, y.focals)
+            assert torch.equal(x.labels, y.labels) and x.skipped == y.skipped
+    broken = next(j for j, (p, _) in enumerate(cached.samples) if p.endswith("broken.jpg"))
+    assert cached.decoded == {j: 1 for j in range(n)}  # the broken one too: known after its first try
+    assert all(plain.decoded[j] >= 3 for j in range(n) if j != broken)  # without: every epoch (or more: as a
+    assert plain.decoded[broken] == 1  # replacement for the broken one, which is known after its first try)
+    assert len(b.dataset.cache.items) == n - 1 and set(b.unreadable) == {broken}
+
+
+def test_the_decoded_cache_stays_within_its_budget_and_workers_keep_none(tmp_path):
+    root = _folder(tmp_path)
+    recipe = ViewRecipe(global_size=16, focal_size=8, num_focal=2)
+    ds = MultiViewDataset(root, recipe, decode_only=True)
+    largest = max(ds[i][0].numel() for i in range(len(root)))  # uint8: bytes
+    budget_mb = 4.5 * (largest + 128) / 2**20  # room for 4 of the largest and a half: 4 to 5 images
+    src = _Counting(root.root)
+    loader = build_loader(src, recipe, 4, num_workers=0, seed=1, augment="batched", cache_mb=budget_mb)
+    for epoch in range(2):
+        loader.set_position(epoch)
+        list(loader)
+    cache = loader.dataset.cache
+    assert 4 <= len(cache.items) <= 5 and cache.full and cache.bytes <= budget_mb * 2**20
+    assert all(src.decoded[j] == (1 if j in cache.items else 2) for j in range(len(src)))  # the rest: each epoch
+    assert build_loader(src, recipe, 4, num_workers=2, augment="batched", cache_mb=64).dataset.cache is None
+    assert build_loader(src, recipe, 4, num_workers=0, augment="per_image", cache_mb=64).dataset.cache is None
+    with pytest.raises(ValueError, match="cache_mb=-1"):
+        build_loader(src, recipe, 4, augment="batched", cache_mb=-1)
