@@ -288,6 +288,7 @@ class MultiViewLoader:
         cache_bytes = int(cache_mb * 2**20) if num_workers == 0 else 0  # workers drop theirs every epoch
         self.dataset = MultiViewDataset(source, recipe, seed, decode_only=augment == "batched", cache_bytes=cache_bytes)
         self.unreadable: dict[int, str] = {}
+        self._cache_told = False
         self.dataset.known = self.unreadable  # workers start each epoch with a copy: known files are not re-read
         self.sampler = ShardedSampler(len(source), batch_size, rank, world, seed)
         # A private generator: otherwise every new iterator draws its base seed from the global RNG, which
@@ -311,6 +312,13 @@ class MultiViewLoader:
                 raise DataError(batch.message)
             note_unreadable(self.unreadable, batch.broken)
             yield batch
+        cache = self.dataset.cache
+        if cache is not None and not self._cache_told:  # once, at the end of the first whole epoch
+            self._cache_told = True
+            room = (f"full at {cache.max_bytes / 2**20:.0f} MB: the other images are decoded every epoch "
+                    f"(--data.cache_mb)" if cache.full else f"of {cache.max_bytes / 2**20:.0f} MB")
+            log.info("decoded images kept in memory: %d of %d, %.0f MB %s", len(cache.items), len(self.dataset),
+                     cache.bytes / 2**20, room)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -235,7 +235,7 @@ def test_the_decoded_cache_decodes_each_image_once_and_changes_no_batch(tmp_path
     assert len(b.dataset.cache.items) == n - 1 and set(b.unreadable) == {broken}
 
 
-def test_the_decoded_cache_stays_within_its_budget_and_workers_keep_none(tmp_path):
+def test_the_decoded_cache_stays_within_its_budget_and_workers_keep_none(tmp_path, caplog):
     root = _folder(tmp_path)
     recipe = ViewRecipe(global_size=16, focal_size=8, num_focal=2)
     ds = MultiViewDataset(root, recipe, decode_only=True)
@@ -243,10 +243,13 @@ def test_the_decoded_cache_stays_within_its_budget_and_workers_keep_none(tmp_pat
     budget_mb = 4.5 * (largest + 128) / 2**20  # room for 4 of the largest and a half: 4 to 5 images
     src = _Counting(root.root)
     loader = build_loader(src, recipe, 4, num_workers=0, seed=1, augment="batched", cache_mb=budget_mb)
-    for epoch in range(2):
-        loader.set_position(epoch)
-        list(loader)
+    with caplog.at_level("INFO", logger="msn_fast.dataloading.loader"):
+        for epoch in range(2):
+            loader.set_position(epoch)
+            list(loader)
     cache = loader.dataset.cache
+    told = [r.getMessage() for r in caplog.records if "kept in memory" in r.getMessage()]
+    assert len(told) == 1 and f": {len(cache.items)} of 12," in told[0] and "full at" in told[0], told
     assert 4 <= len(cache.items) <= 5 and cache.full and cache.bytes <= budget_mb * 2**20
     assert all(src.decoded[j] == (1 if j in cache.items else 2) for j in range(len(src)))  # the rest: each epoch
     assert build_loader(src, recipe, 4, num_workers=2, augment="batched", cache_mb=64).dataset.cache is None
