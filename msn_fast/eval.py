@@ -284,12 +284,11 @@ def evaluate(args, splits: Splits | None = None) -> dict:
     }
 
 
-def warn_short_classes(labels: np.ndarray, classes: list[str], shots: list[int]) -> list[str]:
+def warn_short_classes(labels: np.ndarray, classes: list[str], shots: list[int]) -> None:
     """Warn, once for the largest shot count, when some classes have fewer training images than it: a k-shot
-    draw takes all of theirs (fewer than k labelled images). labels: [N] class indices into `classes`.
-    Returns the names of those classes."""
+    draw takes all of theirs (fewer than k labelled images). labels: [N] class indices into `classes`."""
     if not shots or not len(labels):
-        return []
+        return
     k, counts = max(shots), np.bincount(labels, minlength=len(classes))
     short = [(classes[c], int(n)) for c, n in enumerate(counts) if 0 < n < k]
     if short:
@@ -297,7 +296,6 @@ def warn_short_classes(labels: np.ndarray, classes: list[str], shots: list[int])
         named += f" and {len(short) - 5} more" if len(short) > 5 else ""
         log.warning("%d class(es) have fewer than %d training images; a %d-shot draw takes all they have: %s",
                     len(short), k, k, named)
-    return [c for c, _ in short]
 
 
 def evaluate_all(args) -> list[dict]:

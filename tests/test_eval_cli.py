@@ -286,7 +286,7 @@ def test_a_class_with_fewer_training_images_than_the_shots_is_named_once(tmp_pat
     with caplog.at_level("WARNING", logger="msn_fast.eval"):
         rc, out, err = _run(capsys, *args, "--shots", "1", "2")
     assert rc == 0, err
-    assert not [r for r in caplog.records if "fewer than" in r.message]  # 2 shots: every class has enough
+    assert not [r for r in caplog.records if "fewer than" in r.getMessage()]  # 2 shots: every class has enough
     caplog.clear()
     with caplog.at_level("WARNING", logger="msn_fast.eval"):
         rc, out, err = _run(capsys, *args, "--shots", "1", "5", "--out", tmp_path / "r.json")
